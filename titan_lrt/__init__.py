@@ -1,0 +1,1 @@
+"""titan_lrt: pretraining of Latent Recurrent Transformers."""
