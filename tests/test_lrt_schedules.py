@@ -1,0 +1,233 @@
+"""The invariants of DESIGN 2.4, in float64 on CPU."""
+
+import pytest
+import torch
+
+from lrt_reference import sample_tokens, sequential_recurrence, tiny_args, tiny_model
+from titan_lrt.model.buffer import SharedBuffer
+from titan_lrt.model.memory import apply_reset, memory_keep_mask, shift_right
+from titan_lrt.model.schedule import run_schedule
+from titan_lrt.model.transformer import IGNORE_INDEX, Transformer
+
+TOL = dict(rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"lrt": {"kv_refresh": True}},
+        {"lrt": {"projection": "layerwise", "source_layer": 1}},
+        {"lrt": {"inject_layers": "1-2", "kv_refresh": True}, "value_embeds": "all"},
+        {"lrt": {"residual_injection": False, "kv_refresh": True}},
+        {"lrt": {"kv_feedback": False}},
+    ],
+    ids=["default", "kv_refresh", "layerwise_mid_source", "inject_subset", "no_residual", "no_kv_feedback"],
+)
+def test_interleaved_with_one_position_per_subset_is_the_exact_recurrence(variant):
+    T = 9
+    args = tiny_args(**{**variant, "lrt": {"num_subsets": T, **variant.get("lrt", {})}})
+    model = tiny_model(args)
+    tokens = sample_tokens(args, batch=2, T=T, bos_every=5)
+    with torch.no_grad():
+        result = run_schedule(model, tokens)
+    logits, states = sequential_recurrence(model, tokens)
+    torch.testing.assert_close(result.logits, logits, **TOL)
+    torch.testing.assert_close(result.states, states, **TOL)
+
+
+def test_interleaved_with_one_subset_equals_two_jacobi_passes():
+    args = tiny_args(lrt={"num_subsets": 1})
+    tokens = sample_tokens(args, batch=2, T=12, bos_every=6)
+    targets = sample_tokens(args, batch=2, T=12, seed=7)
+    results, grads = [], []
+    for mode in ("interleaved", "jacobi"):
+        model = tiny_model(args.replace(lrt=args.lrt.__class__(**{**vars(args.lrt), "mode": mode})))
+        results.append(run_schedule(model, tokens, targets, backward=lambda loss: loss.backward()))
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    inter, jac = results
+    torch.testing.assert_close(inter.loss, jac.loss, **TOL)
+    for a, b in zip(inter.pass_losses, jac.pass_losses):
+        torch.testing.assert_close(a, b, **TOL)
+    torch.testing.assert_close(inter.states, jac.states, **TOL)
+    torch.testing.assert_close(inter.token_loss, jac.token_loss, **TOL)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], **TOL, msg=name)
+
+
+def test_pass0_equals_a_forward_with_zero_memory():
+    args = tiny_args()
+    model = tiny_model(args)
+    tokens = sample_tokens(args, batch=2, T=10)
+    with torch.no_grad():
+        skipped = model(tokens)
+        zeros = model(tokens, memory=torch.zeros(2, 10, args.dim, dtype=torch.float64))
+    torch.testing.assert_close(skipped.logits, zeros.logits, **TOL)
+    torch.testing.assert_close(skipped.states, zeros.states, **TOL)
+    for a, b in zip(skipped.kv, zeros.kv):
+        torch.testing.assert_close(a.k, b.k, **TOL)
+        torch.testing.assert_close(a.v, b.v, **TOL)
+
+
+def test_lrt_off_equals_the_plain_backbone_and_lrt_only_adds_the_pathway():
+    lrt_args = tiny_args(value_embeds="all")
+    base_args = lrt_args.replace(lrt=lrt_args.lrt.__class__(mode="off"))
+    base, lrt = tiny_model(base_args), tiny_model(lrt_args, seed=3)
+    tokens = sample_tokens(lrt_args, batch=2, T=10)
+    # Give the LRT model the backbone's weights; its feedback gates open at 1 (local) and
+    # its value-embedding gate rows equal the backbone's gate.
+    lrt_state = lrt.state_dict()
+    for name, value in base.state_dict().items():
+        if name.endswith("attention.gate.weight"):
+            n_kv = lrt_args.n_kv_heads
+            gate = torch.zeros_like(lrt_state[name])
+            gate[2 * n_kv :] = value
+            value = gate
+        lrt_state[name] = value
+    lrt.load_state_dict(lrt_state)
+    with torch.no_grad():
+        expected = base(tokens).logits
+        off = run_schedule(base, tokens).logits
+        pass0 = lrt(tokens).logits
+    torch.testing.assert_close(off, expected, **TOL)
+    torch.testing.assert_close(pass0, expected, **TOL)
+    assert not any("feedback" in n or "gamma" in n for n, _ in base.named_parameters())
+
+
+def test_memory_is_zero_at_position_zero_and_at_every_bos():
+    args = tiny_args(lrt={"num_subsets": 3})
+    model = tiny_model(args)
+    tokens = sample_tokens(args, batch=3, T=13, bos_every=4)
+    with torch.no_grad():
+        buffer = SharedBuffer(model, tokens, model(tokens), 3, detach=True)
+        for i in range(3):
+            memory = buffer.memory(i)
+            pos = buffer.positions[i]
+            reset = (pos == 0)[None, :] | (tokens[:, i::3] == args.bos_token_id)
+            assert reset.any()
+            assert memory[reset].abs().max() == 0
+            assert memory[~reset].abs().min() > 0
+    states = torch.randn(3, 13, args.dim)
+    keep = memory_keep_mask(tokens, torch.arange(13), args.bos_token_id, reset_at_bos=True)
+    jacobi_memory = apply_reset(shift_right(states), keep)
+    assert jacobi_memory[:, 0].abs().max() == 0
+    assert jacobi_memory[tokens == args.bos_token_id].abs().max() == 0
+    no_reset = memory_keep_mask(tokens, torch.arange(13), args.bos_token_id, reset_at_bos=False)
+    assert no_reset[:, 1:].all() and not no_reset[:, 0].any()
+
+
+SCHEDULES = {
+    "off": {"mode": "off"},
+    "interleaved": {"num_subsets": 2},
+    "interleaved_refresh_layerwise": {"num_subsets": 3, "kv_refresh": True, "projection": "layerwise"},
+    "interleaved_detached": {"num_subsets": 2, "detach_buffer": True, "kv_refresh": True},
+    "jacobi": {"mode": "jacobi", "jacobi_passes": 3, "jacobi_weights": [0.5, 1.0, 2.0]},
+    "jacobi_detached": {"mode": "jacobi", "detach_buffer": True},
+}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_gradients_reach_every_parameter(schedule):
+    args = tiny_args(lrt=SCHEDULES[schedule], value_embeds="all")
+    model = tiny_model(args)
+    tokens = sample_tokens(args, batch=2, T=11, bos_every=5)
+    targets = sample_tokens(args, batch=2, T=11, seed=9)
+    run_schedule(model, tokens, targets, backward=lambda loss: loss.backward())
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("lrt", [{"num_subsets": 3, "kv_refresh": True}, {"mode": "jacobi", "jacobi_passes": 3}])
+def test_per_pass_backward_with_detached_buffer_equals_one_backward(lrt):
+    args = tiny_args(lrt={**lrt, "detach_buffer": True})
+    tokens = sample_tokens(args, batch=2, T=11, bos_every=4)
+    targets = sample_tokens(args, batch=2, T=11, seed=5)
+    targets[0, 2] = IGNORE_INDEX
+
+    micro = tiny_model(args)
+    micro_result = run_schedule(micro, tokens, targets, backward=lambda loss: loss.backward())
+    whole = tiny_model(args)
+    whole_result = run_schedule(whole, tokens, targets)
+    whole_result.loss.backward()
+
+    torch.testing.assert_close(micro_result.loss, whole_result.loss.detach(), **TOL)
+    for (name, a), b in zip(micro.named_parameters(), whole.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **TOL, msg=name)
+
+
+def test_loss_is_the_weighted_mean_of_pass_losses_and_merged_loss_is_per_position():
+    args = tiny_args(lrt={"num_subsets": 3, "pass0_weight": 0.5})
+    model = tiny_model(args)
+    tokens = sample_tokens(args, batch=2, T=10)
+    targets = sample_tokens(args, batch=2, T=10, seed=4)
+    with torch.no_grad():
+        result = run_schedule(model, tokens, targets)
+    L = result.pass_losses
+    torch.testing.assert_close(result.loss, (0.5 * L[0] + L[1] + L[2] + L[3]) / 3.5, **TOL)
+    for i in range(3):
+        torch.testing.assert_close(result.token_loss[:, i::3], result.pass_token_losses[1 + i], **TOL)
+        torch.testing.assert_close(result.pass_positions[1 + i], torch.arange(i, 10, 3))
+    torch.testing.assert_close(L[0], result.pass_token_losses[0].mean(), **TOL)
+
+
+def test_kv_refresh_reprojects_the_feedback_exactly():
+    """Without residual injection, layer 0's keys/values depend on the memory only
+    through the feedback, so a refreshed group equals a fresh pass with that memory."""
+    args = tiny_args(lrt={"num_subsets": 3, "residual_injection": False, "kv_refresh": True})
+    model = tiny_model(args)
+    tokens = sample_tokens(args, batch=2, T=12, bos_every=5)
+    with torch.no_grad():
+        buffer = SharedBuffer(model, tokens, model(tokens), 3, detach=True)
+        buffer.refresh(0)
+        memory = apply_reset(shift_right(buffer.merged_states()), memory_keep_mask(
+            tokens, torch.arange(12), args.bos_token_id, True))
+        fresh = model(tokens, memory=memory).kv[0]
+    for j in (1, 2):
+        torch.testing.assert_close(buffer.keys[0][j], fresh.k[:, :, j::3], **TOL)
+        torch.testing.assert_close(buffer.values[0][j], fresh.v[:, :, j::3], **TOL)
+
+
+def test_subset_attention_cpu_kernel_matches_reference_math_with_gradients():
+    from titan_lrt.model import attention
+
+    torch.manual_seed(0)
+    B, H, Hkv, D, T = 2, 4, 2, 8, 11
+    for S in (1, 2, 3, 11):
+        for i in range(S):
+            n = len(range(i, T, S))
+            q = torch.randn(B, H, n, D, dtype=torch.float64, requires_grad=True)
+            ks = [torch.randn(B, Hkv, len(range(j, T, S)), D, dtype=torch.float64, requires_grad=True) for j in range(S)]
+            vs = [torch.randn(B, Hkv, len(range(j, T, S)), D, dtype=torch.float64, requires_grad=True) for j in range(S)]
+            out = attention.subset_attention(q, ks, vs, i)
+            key_pos = torch.cat([torch.arange(j, T, S) for j in range(S)])
+            mask = key_pos[None, :] <= torch.arange(i, T, S)[:, None]
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q, torch.cat(ks, 2).repeat_interleave(2, 1), torch.cat(vs, 2).repeat_interleave(2, 1), attn_mask=mask
+            )
+            torch.testing.assert_close(out, ref, **TOL)
+            probe = torch.randn_like(out)
+            got = torch.autograd.grad((out * probe).sum(), [q, *ks, *vs], allow_unused=True)
+            want = torch.autograd.grad((ref * probe).sum(), [q, *ks, *vs], allow_unused=True)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g if g is not None else torch.zeros_like(w), w, **TOL)
+
+
+def test_sliding_windows_in_subset_passes_match_the_recurrence():
+    T = 10
+    args = tiny_args(window_pattern="SL", short_window=3, lrt={"num_subsets": T})
+    model = tiny_model(args)
+    tokens = sample_tokens(args, batch=2, T=T)
+    with torch.no_grad():
+        result = run_schedule(model, tokens)
+    logits, _ = sequential_recurrence(model, tokens)
+    torch.testing.assert_close(result.logits, logits, **TOL)
+
+
+def test_model_builds_on_meta_device_and_initialises():
+    args = tiny_args()
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
+    model.init_weights(buffer_device=torch.device("cpu"))
+    tokens = sample_tokens(args, batch=1, T=6)
+    assert torch.isfinite(model(tokens).logits).all()

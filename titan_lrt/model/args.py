@@ -1,0 +1,272 @@
+"""Model arguments: the backbone knobs (DESIGN 2.1) and the LRT pathway (DESIGN 2.2, 2.4).
+
+A plain baseline, the nanochat-like baseline and every LRT variant are the same
+class; only these arguments differ. Flavors are named presets sized by depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+LRT_MODES = ("off", "interleaved", "jacobi")
+PROJECTIONS = ("shared", "layerwise")
+VALUE_EMBED_MODES = ("none", "alternate", "all")
+
+
+@dataclass
+class LRTArgs:
+    """The latent recurrent pathway and the schedule that trains it."""
+
+    mode: str = "off"
+    """Training schedule: "off" (the plain baseline, no pathway), "interleaved"
+    (pass 0 + S subset passes, DESIGN 2.4) or "jacobi" (K full passes)."""
+
+    source_layer: int = -1
+    """Block whose RMS-normed output is the source state s_t (negative counts
+    from the end; -1 is the last block, i.e. the LM head input)."""
+
+    inject_layers: str = "all"
+    """Blocks that receive the memory: "all", or indices and ranges such as
+    "0,2,8-11"."""
+
+    residual_injection: bool = True
+    """Add gamma_l * m_t to the residual stream before each injected block."""
+
+    kv_feedback: bool = True
+    """Mix W_K m_t and W_V m_t into each injected block's keys and values."""
+
+    projection: str = "shared"
+    """Feedback projections W_K, W_V: "shared" by all layers (computed once per
+    pass) or "layerwise" (one pair per injected layer)."""
+
+    gamma_init: float = 0.1
+    """Initial value of the residual injection scalars gamma_l."""
+
+    reset_at_bos: bool = True
+    """Zero the memory at every BOS token, so that memory never crosses packed
+    documents (position 0 is always reset)."""
+
+    num_subsets: int = 2
+    """Interleaved: number S of disjoint position subsets {t : t mod S == i}."""
+
+    kv_refresh: bool = False
+    """Interleaved: before each subset pass, re-project the feedback part of the
+    buffered K/V at positions not yet refined from the newest source states."""
+
+    detach_buffer: bool = False
+    """Interleaved/Jacobi: cut the gradient between passes, so that each pass
+    can run its backward as soon as it ends (lower peak memory)."""
+
+    pass0_weight: float = 1.0
+    """Interleaved: loss weight w_0 of pass 0; loss = (w_0 L_0 + sum_i L_i) / (w_0 + S)."""
+
+    jacobi_passes: int = 2
+    """Jacobi: number K of full passes (the first one with zero memory)."""
+
+    jacobi_weights: list[float] = field(default_factory=list)
+    """Jacobi: loss weight of each pass (empty: equal weights)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
+@dataclass
+class ModelArgs:
+    """Backbone sizes and knobs; every field has a default (the `debug` shape)."""
+
+    vocab_size: int = 512
+    """Tokenizer vocabulary; the embedding and head are padded to a multiple of 64."""
+
+    n_layers: int = 2
+    """Number of transformer blocks (the depth)."""
+
+    dim: int = 64
+    """Residual stream width."""
+
+    n_heads: int = 4
+    """Query heads; head_dim = dim / n_heads."""
+
+    n_kv_heads: int = 0
+    """Key/value heads for grouped-query attention (0: same as n_heads)."""
+
+    mlp_ratio: int = 4
+    """MLP hidden width as a multiple of dim (ReLU^2 activation)."""
+
+    rope_base: float = 100000.0
+    """RoPE base frequency."""
+
+    max_seq_len: int = 2048
+    """Longest position the RoPE table covers (training and generation)."""
+
+    logit_softcap: float = 15.0
+    """Logits are capped as c * tanh(logits / c) in fp32 (0 disables)."""
+
+    value_embeds: str = "none"
+    """Token-indexed value embeddings added to V through a gate: "none",
+    "alternate" (every other layer, the last included) or "all"."""
+
+    gate_channels: int = 32
+    """Input channels of the V/K gates (the first C channels of the block input;
+    0: all of dim)."""
+
+    window_pattern: str = "L"
+    """Attention windows tiled over layers: "L" full, "S" short (e.g. "SSSL");
+    the last layer is always full."""
+
+    short_window: int = 0
+    """Width of an "S" window in tokens (0: max_seq_len // 2)."""
+
+    x0_init: float = 0.1
+    """Initial b_l in x = a_l * x + b_l * x0 (a_l starts at 1)."""
+
+    head_init_std: float = 0.001
+    """Standard deviation of the LM head's initial weights (small init)."""
+
+    bos_token_id: int = 0
+    """Id of the document-start token (set from the tokenizer)."""
+
+    lrt: LRTArgs = field(default_factory=LRTArgs)
+    """The latent recurrent pathway and its training schedule."""
+
+    def __post_init__(self):
+        if self.n_kv_heads == 0:
+            self.n_kv_heads = self.n_heads
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // 64) * 64
+
+    @property
+    def source_layer_index(self) -> int:
+        return self.source_layer_of(self.lrt.source_layer)
+
+    def source_layer_of(self, index: int) -> int:
+        return index % self.n_layers
+
+    def injected_layers(self) -> list[int]:
+        """Sorted block indices that receive the memory (empty when LRT is off)."""
+        if not self.lrt.enabled:
+            return []
+        return parse_layer_set(self.lrt.inject_layers, self.n_layers)
+
+    def has_value_embed(self, layer: int) -> bool:
+        if self.value_embeds == "all":
+            return True
+        if self.value_embeds == "alternate":
+            return layer % 2 == (self.n_layers - 1) % 2
+        return False
+
+    def window(self, layer: int) -> int:
+        """Attention window of a layer in tokens (0: full causal)."""
+        if layer == self.n_layers - 1:
+            return 0
+        char = self.window_pattern[layer % len(self.window_pattern)]
+        if char == "L":
+            return 0
+        return self.short_window or self.max_seq_len // 2
+
+    def replace(self, **changes) -> ModelArgs:
+        lrt = changes.pop("lrt", None)
+        new = dataclasses.replace(self, lrt=dataclasses.replace(lrt or self.lrt), **changes)
+        return new
+
+    def validate(self) -> None:
+        """Fail with one clear message on an inconsistent combination."""
+        _check(self.dim % self.n_heads == 0, f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
+        _check(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
+        _check(
+            self.n_heads % self.n_kv_heads == 0,
+            f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}",
+        )
+        _check(self.value_embeds in VALUE_EMBED_MODES, f"model.value_embeds={self.value_embeds!r}: allowed {VALUE_EMBED_MODES}")
+        _check(
+            self.window_pattern and set(self.window_pattern) <= {"S", "L"},
+            f"model.window_pattern={self.window_pattern!r}: use only the letters S and L",
+        )
+        _check(0 <= self.gate_channels <= self.dim, f"model.gate_channels={self.gate_channels} must be in [0, dim={self.dim}]")
+        _check(0 <= self.bos_token_id < self.vocab_size, f"model.bos_token_id={self.bos_token_id} outside the vocabulary")
+        lrt = self.lrt
+        _check(lrt.mode in LRT_MODES, f"lrt.mode={lrt.mode!r}: allowed {LRT_MODES}")
+        _check(lrt.projection in PROJECTIONS, f"lrt.projection={lrt.projection!r}: allowed {PROJECTIONS}")
+        _check(
+            -self.n_layers <= lrt.source_layer < self.n_layers,
+            f"lrt.source_layer={lrt.source_layer}: allowed -{self.n_layers}..{self.n_layers - 1}",
+        )
+        _check(lrt.num_subsets >= 1, f"lrt.num_subsets={lrt.num_subsets} must be >= 1")
+        _check(lrt.jacobi_passes >= 1, f"lrt.jacobi_passes={lrt.jacobi_passes} must be >= 1")
+        _check(
+            not lrt.jacobi_weights or len(lrt.jacobi_weights) == lrt.jacobi_passes,
+            f"lrt.jacobi_weights has {len(lrt.jacobi_weights)} entries, lrt.jacobi_passes={lrt.jacobi_passes}",
+        )
+        _check(lrt.pass0_weight >= 0, f"lrt.pass0_weight={lrt.pass0_weight} must be >= 0")
+        if lrt.enabled:
+            _check(
+                lrt.residual_injection or lrt.kv_feedback,
+                "lrt: residual_injection and kv_feedback are both off, so the memory has no way in",
+            )
+            parse_layer_set(lrt.inject_layers, self.n_layers)
+
+
+def parse_layer_set(spec: str, n_layers: int) -> list[int]:
+    """Parse "all" or comma-separated indices and ranges such as "0,2,5-7"."""
+    spec = spec.strip()
+    if spec == "all":
+        return list(range(n_layers))
+    layers: set[int] = set()
+    for part in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        lo = int(match.group(1)) if match else -1
+        hi = int(match.group(2) or lo) if match else -1
+        if not match or not 0 <= lo <= hi < n_layers:
+            raise ValueError(
+                f"lrt.inject_layers={spec!r}: expected \"all\" or indices/ranges like \"0,2,5-7\" "
+                f"within 0..{n_layers - 1}"
+            )
+        layers.update(range(lo, hi + 1))
+    return sorted(layers)
+
+
+def _check(ok, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def args_from_depth(depth: int, **overrides) -> ModelArgs:
+    """nanochat sizing: dim = depth * 64 rounded up to a multiple of the 128 head dim."""
+    head_dim = 128
+    dim = -(-depth * 64 // head_dim) * head_dim
+    base = dict(n_layers=depth, dim=dim, n_heads=dim // head_dim, vocab_size=32768, value_embeds="all")
+    base.update(overrides)
+    return ModelArgs(**base)
+
+
+FLAVORS: dict[str, ModelArgs] = {
+    "debug": ModelArgs(),
+    "d4": args_from_depth(4),
+    "d8": args_from_depth(8),
+    "d12": args_from_depth(12),
+    "d20": args_from_depth(20),
+    "d24": args_from_depth(24),
+}
+"""Named presets. `debug` is a two-layer toy for tests; `dN` follow nanochat's
+depth sizing (value embeddings on every layer, as the paper's LRT uses them);
+`d20` is the paper's 1.3B setting."""
+
+
+def flavor(name: str, **overrides) -> ModelArgs:
+    if name not in FLAVORS:
+        raise ValueError(f"model.flavor={name!r}: allowed {sorted(FLAVORS)}")
+    return FLAVORS[name].replace(**overrides)

@@ -1,0 +1,176 @@
+"""Attention kernels for the three pass kinds: full causal, subset, and decode.
+
+Layouts: queries (B, H, n, D); keys and values (B, Hkv, m, D) with H a multiple
+of Hkv (grouped-query attention).
+
+The subset pass (DESIGN 2.4) is the interesting one. Its queries are the
+positions P_i = {t : t mod S == i}; the buffer's keys are grouped the same way,
+group j holding the positions j, j + S, j + 2S, ... Between query a of group i
+(position i + aS) and key b of group j (position j + bS) the causal rule
+"key position <= query position" becomes
+
+    b <= a        if j <= i      ("inclusive" block),
+    b <= a - 1    if j > i       ("strict" block),
+
+so every (query group, key group) pair is an ordinary causal block on the
+strided index. Attending group by group with a causal kernel and merging the
+partial softmaxes by their log-sum-exp costs, over the S passes, exactly one
+causal attention, never touches masked-out key blocks, and needs no copy of the
+buffer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0) -> Tensor:
+    """Full causal self-attention (optionally with a sliding window)."""
+    k, v = _expand_kv(k, v, q.size(1))
+    if window <= 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    pos = torch.arange(q.size(2), device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_visible(pos, pos, window))
+
+
+def subset_attention(
+    q: Tensor, keys: list[Tensor], values: list[Tensor], index: int, window: int = 0
+) -> Tensor:
+    """Queries of group `index` attend to the key groups 0..S-1 of the buffer.
+
+    keys[j] / values[j] hold group j (length ceil((T - j) / S)); group `index`
+    must already hold the fresh keys of these queries.
+    """
+    S = len(keys)
+    n = q.size(2)
+    k_blocks, v_blocks, shifts, groups = [], [], [], []
+    for j in range(S):
+        shift = 0 if j <= index else 1
+        if n - shift <= 0:
+            continue
+        k, v = _expand_kv(keys[j][:, :, : n - shift], values[j][:, :, : n - shift], q.size(1))
+        k_blocks.append(k)
+        v_blocks.append(v)
+        shifts.append(shift)
+        groups.append(j)
+    if window <= 0 and q.device.type == "cpu":
+        return _BlockCausalAttention.apply(q, tuple(shifts), *k_blocks, *v_blocks)
+    return _block_attention_math(q, k_blocks, v_blocks, groups, index, S, window)
+
+
+def decode_attention(
+    q: Tensor, k_new: Tensor, v_new: Tensor, cache_k: Tensor, cache_v: Tensor, lengths: Tensor, window: int = 0
+) -> Tensor:
+    """One new query per sequence attends to its cached keys plus its own new key.
+
+    q: (B, H, 1, D); k_new/v_new: (B, Hkv, 1, D); cache: (B, Hkv, Tmax, D) with
+    the first lengths[b] entries valid for sequence b.
+    """
+    B, H, _, D = q.shape
+    Hkv = k_new.size(1)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qg = q.view(B, Hkv, H // Hkv, D).to(acc)
+    scale = 1.0 / math.sqrt(D)
+    scores_cache = torch.einsum("bkgd,bktd->bkgt", qg, cache_k.to(acc)) * scale
+    key_idx = torch.arange(cache_k.size(2), device=q.device)
+    visible = key_idx[None, :] < lengths[:, None]
+    if window > 0:
+        visible = visible & (key_idx[None, :] > lengths[:, None] - window)
+    scores_cache = scores_cache.masked_fill(~visible[:, None, None, :], float("-inf"))
+    score_own = torch.einsum("bkgd,bkd->bkg", qg, k_new[:, :, 0].to(acc)).unsqueeze(-1) * scale
+    probs = torch.softmax(torch.cat([scores_cache, score_own], dim=-1), dim=-1)
+    out = torch.einsum("bkgt,bktd->bkgd", probs[..., :-1], cache_v.to(acc))
+    out = out + probs[..., -1:] * v_new[:, :, 0].to(acc).unsqueeze(2)
+    return out.reshape(B, H, 1, D).to(q.dtype)
+
+
+# ---- internals ---------------------------------------------------------------------
+
+
+def _expand_kv(k: Tensor, v: Tensor, n_heads: int) -> tuple[Tensor, Tensor]:
+    groups = n_heads // k.size(1)
+    if groups == 1:
+        return k, v
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
+def _visible(q_pos: Tensor, k_pos: Tensor, window: int) -> Tensor:
+    """Boolean (n, m) mask: key position <= query position, within the window."""
+    diff = q_pos[:, None] - k_pos[None, :]
+    visible = diff >= 0
+    if window > 0:
+        visible = visible & (diff < window)
+    return visible
+
+
+def _block_attention_math(
+    q: Tensor, k_blocks: list[Tensor], v_blocks: list[Tensor], groups: list[int], index: int, S: int, window: int
+) -> Tensor:
+    """Reference path (any device, sliding windows): explicit scores, one softmax.
+
+    Query a of group `index` sits at position index + aS, key b of group j at j + bS.
+    """
+    n = q.size(2)
+    scale = 1.0 / math.sqrt(q.size(-1))
+    acc = torch.promote_types(q.dtype, torch.float32)
+    q_pos = index + S * torch.arange(n, device=q.device)
+    scores, values = [], []
+    for k, v, group in zip(k_blocks, v_blocks, groups):
+        k_pos = group + S * torch.arange(k.size(2), device=q.device)
+        s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+        scores.append(s.masked_fill(~_visible(q_pos, k_pos, window), float("-inf")))
+        values.append(v.to(acc))
+    probs = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
+    return torch.matmul(probs, torch.cat(values, dim=2)).to(q.dtype)
+
+
+class _BlockCausalAttention(torch.autograd.Function):
+    """Attention over several causal key blocks merged by log-sum-exp (CPU flash kernel).
+
+    Block j is aligned so that query row a sees key rows b <= a - shift_j. The
+    backward gives each block the merged output and log-sum-exp, which makes the
+    kernel's per-block gradient the exact gradient of the merged attention (the
+    same identity ring attention relies on).
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, shifts: tuple[int, ...], *kv: Tensor) -> Tensor:
+        n_blocks = len(shifts)
+        ks, vs = kv[:n_blocks], kv[n_blocks:]
+        acc = torch.promote_types(q.dtype, torch.float32)
+        outs, lses = [], []
+        for k, v, shift in zip(ks, vs, shifts):
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[:, :, shift:], k, v, 0.0, True)
+            if shift:
+                o = F.pad(o, (0, 0, shift, 0))
+                lse = F.pad(lse, (shift, 0), value=float("-inf"))
+            outs.append(o)
+            lses.append(lse.to(acc))
+        lse = torch.logsumexp(torch.stack(lses), dim=0)
+        out = sum(torch.exp(l - lse).unsqueeze(-1) * o.to(acc) for o, l in zip(outs, lses))
+        out = out.to(q.dtype)
+        ctx.shifts = shifts
+        ctx.save_for_backward(q, out, lse, *kv)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, out, lse, *kv = ctx.saved_tensors
+        shifts = ctx.shifts
+        n_blocks = len(shifts)
+        ks, vs = kv[:n_blocks], kv[n_blocks:]
+        grad_out = grad_out.contiguous().to(q.dtype)
+        dq = torch.zeros_like(q, dtype=lse.dtype)
+        dks, dvs = [], []
+        for k, v, shift in zip(ks, vs, shifts):
+            dq_j, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out[:, :, shift:], q[:, :, shift:], k, v, out[:, :, shift:], lse[:, :, shift:], 0.0, True
+            )
+            dq[:, :, shift:] += dq_j
+            dks.append(dk)
+            dvs.append(dv)
+        return (dq.to(q.dtype), None, *dks, *dvs)

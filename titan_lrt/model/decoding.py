@@ -1,0 +1,170 @@
+"""Decoding with true recurrence (DESIGN 2.3).
+
+The decoding state is a KV cache plus one vector per sequence: the source
+state s_{t-1} of its last token. Every decoded token gets the exact memory
+m_t = s_{t-1} (reset at BOS), so generation runs the recurrence the schedules
+approximate in training. Prefill modes:
+
+- `exact`: the prompt goes token by token through the decode step (ground truth);
+- `schedule`: the training schedule runs over the prompt, the cache is filled
+  with the merged K/V and decoding continues from the merged last state;
+- `zero`: one parallel pass with zero memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from titan_lrt.model.block import CacheKeys
+from titan_lrt.model.memory import apply_reset, memory_keep_mask
+from titan_lrt.model.schedule import baseline, run_schedule
+from titan_lrt.model.transformer import Transformer
+
+PREFILL_MODES = ("exact", "schedule", "zero")
+
+
+@dataclass
+class DecodeState:
+    keys: list[Tensor]
+    """Per layer (B, Hkv, Tmax, D)."""
+    values: list[Tensor]
+    lengths: Tensor
+    """(B,) number of valid cache entries (= position of the next token)."""
+    last_state: Tensor
+    """(B, dim) source state of each sequence's last processed token."""
+
+    @classmethod
+    def empty(cls, model: Transformer, batch: int, max_len: int, device, dtype) -> DecodeState:
+        a = model.args
+        if max_len > a.max_seq_len:
+            raise ValueError(f"decoding needs {max_len} positions but model.max_seq_len={a.max_seq_len}")
+        shape = (batch, a.n_kv_heads, max_len, a.head_dim)
+        return cls(
+            keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(a.n_layers)],
+            values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(a.n_layers)],
+            lengths=torch.zeros(batch, dtype=torch.long, device=device),
+            last_state=torch.zeros(batch, a.dim, device=device, dtype=dtype),
+        )
+
+
+@torch.no_grad()
+def decode_step(model: Transformer, state: DecodeState, tokens: Tensor, active: Optional[Tensor] = None) -> Tensor:
+    """Feed one token per sequence; returns its logits (B, vocab).
+
+    Sequences with active[b] False are computed but their state does not move.
+    """
+    positions = state.lengths[:, None]
+    memory = None
+    if model.args.lrt.enabled:
+        keep = memory_keep_mask(tokens[:, None], positions, model.args.bos_token_id, model.args.lrt.reset_at_bos)
+        memory = apply_reset(state.last_state[:, None], keep)
+    keys = [CacheKeys(k, v, state.lengths) for k, v in zip(state.keys, state.values)]
+    out = model(tokens[:, None], positions=positions, memory=memory, keys=keys)
+    rows = torch.arange(tokens.size(0), device=tokens.device)
+    write_at = state.lengths.clamp(max=state.keys[0].size(2) - 1)
+    for layer, kv in enumerate(out.kv):
+        state.keys[layer][rows, :, write_at] = kv.k[:, :, 0].to(state.keys[layer].dtype)
+        state.values[layer][rows, :, write_at] = kv.v[:, :, 0].to(state.values[layer].dtype)
+    step = torch.ones_like(state.lengths) if active is None else active.long()
+    new_state = out.states[:, 0].to(state.last_state.dtype)
+    state.last_state = new_state if active is None else torch.where(active[:, None], new_state, state.last_state)
+    state.lengths = state.lengths + step
+    return out.logits[:, 0]
+
+
+@torch.no_grad()
+def prefill(
+    model: Transformer, prompts: Sequence[Sequence[int]], mode: str, max_len: int, dtype=None
+) -> tuple[DecodeState, Tensor]:
+    """Process the prompts; returns the state and each prompt's last-token logits (B, vocab)."""
+    if mode not in PREFILL_MODES:
+        raise ValueError(f"prefill mode {mode!r}: allowed {PREFILL_MODES}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (start it with BOS)")
+    device = model.rope_cos.device
+    dtype = dtype or next(model.parameters()).dtype
+    B = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    longest = int(lengths.max())
+    padded = torch.full((B, longest), model.args.bos_token_id, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        padded[b, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+    state = DecodeState.empty(model, B, max_len, device, dtype)
+
+    if mode == "exact":
+        last_logits = None
+        for t in range(longest):
+            active = lengths > t
+            logits = decode_step(model, state, padded[:, t], active)
+            last_logits = logits if last_logits is None else torch.where(active[:, None], logits, last_logits)
+        return state, last_logits
+
+    result = baseline(model, padded, return_kv=True) if mode == "zero" else run_schedule(model, padded, return_kv=True)
+    for layer, (k, v) in enumerate(result.kv):
+        state.keys[layer][:, :, :longest] = k.to(dtype)
+        state.values[layer][:, :, :longest] = v.to(dtype)
+    rows = torch.arange(B, device=device)
+    state.lengths = lengths
+    state.last_state = result.states[rows, lengths - 1].to(dtype)
+    return state, result.logits[rows, lengths - 1]
+
+
+def sample(logits: Tensor, temperature: float, top_k: Optional[int], generator: Optional[torch.Generator]) -> Tensor:
+    """Greedy at temperature 0, else softmax sampling from the top-k logits."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    prefill_mode: str = "exact",
+    stop_tokens: Sequence[int] = (),
+    seed: Optional[int] = None,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Stream generation for a batch of prompts with true recurrence.
+
+    Yields (tokens, done) per step: the new token of every sequence (B,) and
+    which sequences had already stopped before it (their token is meaningless).
+    A sequence stops after emitting a stop token; the loop ends when all have.
+    """
+    device = model.rope_cos.device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    max_len = max(len(p) for p in prompts) + max_new_tokens
+    state, logits = prefill(model, prompts, prefill_mode, max_len)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+    for step in range(max_new_tokens):
+        token = sample(logits, temperature, top_k, generator)
+        yield token, done.clone()
+        done = done | torch.isin(token, stops)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            return
+        logits = decode_step(model, state, token, active=~done)
+
+
+def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
+    """Run `generate` to the end; each sequence's new tokens up to and including its stop token."""
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for tokens, done in generate(model, prompts, max_new_tokens, **kwargs):
+        for b, (t, d) in enumerate(zip(tokens.tolist(), done.tolist())):
+            if not d:
+                outputs[b].append(t)
+    return outputs

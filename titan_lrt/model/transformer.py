@@ -1,0 +1,155 @@
+"""The LRT transformer: embeddings, blocks, feedback projections, LM head.
+
+`Transformer.forward` runs one pass over some positions of a batch: the full
+pass (all positions, causal), a subset pass (a position subset against the
+shared buffer) or a decode step (one token against a KV cache). The memory
+m_t, when given, is already shifted and reset by the caller (see
+`titan_lrt.model.memory`); None means zero memory, and the zero feedback is
+then skipped rather than computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from titan_lrt.model.args import ModelArgs
+from titan_lrt.model.block import Block, Keys, LayerKV, Memory
+from titan_lrt.model.layers import init_uniform_, rms_norm, rope_tables
+
+IGNORE_INDEX = -100
+"""Targets with this value are not scored."""
+
+
+@dataclass
+class PassOutput:
+    """What one pass computes at its positions (B sequences, n positions)."""
+
+    states: Tensor
+    """(B, n, dim) source states s_t: the RMS-normed output of the source block."""
+
+    kv: list[LayerKV]
+    """Fresh keys/values of every layer."""
+
+    gate_means: list[Optional[Tensor]]
+    """Per layer, the detached mean of each gate (None for layers without gates)."""
+
+    logits: Optional[Tensor] = None
+    """(B, n, vocab) soft-capped fp32 logits, when no targets were given."""
+
+    token_loss: Optional[Tensor] = None
+    """(B, n) fp32 cross-entropy per position (0 where the target is ignored)."""
+
+
+class FeedbackProjection(nn.Module):
+    """W_K m and W_V m for every injected layer, as one matmul.
+
+    "shared" holds one (W_K, W_V) pair used by all layers, computed once per
+    pass; "layerwise" holds one pair per injected layer, stacked into a single
+    weight so that the whole projection is still one matmul.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.layers = args.injected_layers()
+        self.shared = args.lrt.projection == "shared"
+        self.n_kv_heads, self.head_dim, self.dim = args.n_kv_heads, args.head_dim, args.dim
+        n_pairs = 1 if self.shared else len(self.layers)
+        self.proj = nn.Linear(args.dim, n_pairs * 2 * args.kv_dim, bias=False)
+
+    def forward(self, memory: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
+        """memory (B, n, dim) -> {layer: (k_fb, v_fb)} with shapes (B, n, Hkv, D)."""
+        B, n, _ = memory.shape
+        kv = self.proj(memory).view(B, n, -1, 2, self.n_kv_heads, self.head_dim)
+        if self.shared:
+            pair = (kv[:, :, 0, 0], kv[:, :, 0, 1])
+            return {layer: pair for layer in self.layers}
+        return {layer: (kv[:, :, i, 0], kv[:, :, i, 1]) for i, layer in enumerate(self.layers)}
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        init_uniform_(self.proj.weight, self.dim)  # like the attention's V projection
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        args.validate()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.padded_vocab_size, args.dim)
+        lrt = args.lrt
+        self.feedback = FeedbackProjection(args) if lrt.enabled and lrt.kv_feedback else None
+        self.layers = nn.ModuleList(Block(args, layer) for layer in range(args.n_layers))
+        self.lm_head = nn.Linear(args.dim, args.padded_vocab_size, bias=False)
+        self.injected = frozenset(args.injected_layers())
+        self.source_layer = args.source_layer_index
+        cos, sin = rope_tables(args.max_seq_len, args.head_dim, args.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: Optional[torch.device] = None) -> None:
+        """Initialise every parameter and buffer (also after building on the meta device)."""
+        device = buffer_device or self.rope_cos.device
+        self.rope_cos, self.rope_sin = rope_tables(self.args.max_seq_len, self.args.head_dim, self.args.rope_base, device)
+        nn.init.normal_(self.tok_embeddings.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=self.args.head_init_std)
+        for layer in self.layers:
+            layer.init_weights()
+        if self.feedback is not None:
+            self.feedback.init_weights()
+
+    def forward(
+        self,
+        tokens: Tensor,
+        targets: Optional[Tensor] = None,
+        *,
+        positions: Optional[Tensor] = None,
+        memory: Optional[Tensor] = None,
+        keys: Optional[Sequence[Keys]] = None,
+    ) -> PassOutput:
+        """One pass.
+
+        tokens: (B, n) token ids at the pass's positions.
+        targets: (B, n) next-token ids; given, the pass returns per-position
+            losses instead of logits.
+        positions: (n,) or (B, n) absolute positions (default: 0..n-1).
+        memory: (B, n, dim) memory m_t at these positions (None: zero memory).
+        keys: per layer, what the queries attend to (None: full causal pass).
+        """
+        B, n = tokens.shape
+        if positions is None:
+            positions = torch.arange(n, device=tokens.device)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        x = rms_norm(self.tok_embeddings(tokens))
+        x0 = x
+        feedback = self.feedback(memory) if memory is not None and self.feedback is not None else {}
+
+        states, kvs, gate_means = None, [], []
+        for i, layer in enumerate(self.layers):
+            layer_memory = None
+            if memory is not None and i in self.injected:
+                layer_memory = Memory(memory, *feedback.get(i, (None, None)))
+            out = layer(x, x0, tokens, cos, sin, layer_memory, None if keys is None else keys[i])
+            x = out.x
+            kvs.append(out.kv)
+            gate_means.append(out.gate_means)
+            if i == self.source_layer:
+                states = rms_norm(x)
+        h = states if self.source_layer == len(self.layers) - 1 else rms_norm(x)
+        logits = self.lm_head(h)[..., : self.args.vocab_size]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if self.args.logit_softcap > 0:
+            cap = self.args.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        if targets is None:
+            return PassOutput(states, kvs, gate_means, logits=logits)
+        token_loss = F.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view(B, n)
+        return PassOutput(states, kvs, gate_means, token_loss=token_loss)
