@@ -34,24 +34,26 @@ class SharedBuffer:
             memory_keep_mask(tokens[:, j::num_subsets], pos, args.bos_token_id, args.lrt.reset_at_bos)
             for j, pos in enumerate(self.positions)
         ]
-        self.states = [self._hold(pass0.states[:, j::num_subsets]) for j in range(num_subsets)]
-        self.keys = [[self._hold(kv.k[:, :, j::num_subsets]) for j in range(num_subsets)] for kv in pass0.kv]
-        self.values = [[self._hold(kv.v[:, :, j::num_subsets]) for j in range(num_subsets)] for kv in pass0.kv]
+        self.states = self._split(pass0.states, dim=1)
+        self.keys = [self._split(kv.k, dim=2) for kv in pass0.kv]
+        self.values = [self._split(kv.v, dim=2) for kv in pass0.kv]
         # What a K/V refresh re-projects from: pass 0's values, gated pre-RoPE keys and
         # feedback gates (pass 0 had zero memory, so its feedback part is exactly 0).
         self.pass0_kv = [
-            [
-                (
-                    self._hold(kv.v[:, :, j::num_subsets]),
-                    self._hold(kv.k_pre[:, j::num_subsets]),
-                    self._hold(kv.g_fb[:, j::num_subsets]),
-                )
-                for j in range(num_subsets)
-            ]
+            list(zip(values, self._split(kv.k_pre, dim=1), self._split(kv.g_fb, dim=1)))
             if kv.g_fb is not None
             else None
-            for kv in pass0.kv
+            for kv, values in zip(pass0.kv, self.values)
         ]
+
+    def _split(self, t: Tensor, dim: int) -> list[Tensor]:
+        """Groups j::S of t along dim (as views of one reshape when S divides T, whose
+        backward is a single stack rather than S zero-filled scatters)."""
+        S = self.S
+        t = t.detach() if self.detach else t
+        if self.T % S == 0:
+            return list(t.unflatten(dim, (self.T // S, S)).unbind(dim + 1))
+        return [t[(slice(None),) * dim + (slice(j, None, S),)] for j in range(S)]
 
     def _hold(self, t: Tensor) -> Tensor:
         return t.detach() if self.detach else t

@@ -1,0 +1,116 @@
+"""Parameter counts and the FLOPs each pass really executes (DESIGN 2.4 "Cost").
+
+FLOPs are counted as 2 per multiply-add; a training pass costs 3x its forward
+(backward = 2x). Attention counts the key/query pairs actually computed:
+causal attention over T positions scores T(T+1)/2 pairs, and the S subset
+passes of a step together score exactly as many (every query attends the keys
+at or before its position). Embedding lookups, norms and element-wise ops are
+not counted, as is customary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from titan_lrt.model.args import LRTArgs, ModelArgs
+from titan_lrt.model.transformer import Transformer
+
+TRAIN_MULTIPLIER = 3  # forward + backward (2x forward)
+
+
+@dataclass
+class ParameterCounts:
+    total: int
+    backbone: int
+    """Parameters of the same model with the LRT pathway off."""
+    feedback: int
+    """What the pathway adds: feedback projections, feedback gate rows, gammas."""
+
+    @property
+    def feedback_percent(self) -> float:
+        return 100.0 * self.feedback / self.total
+
+    def describe(self) -> str:
+        return (
+            f"parameters: {self.total:,} total, {self.backbone:,} backbone, "
+            f"{self.feedback:,} LRT pathway ({self.feedback_percent:.3f}% of total)"
+        )
+
+
+def count_parameters(args: ModelArgs) -> ParameterCounts:
+    def count(a: ModelArgs) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in Transformer(a).parameters())
+
+    total = count(args)
+    backbone = count(args.replace(lrt=LRTArgs(mode="off")))
+    return ParameterCounts(total=total, backbone=backbone, feedback=total - backbone)
+
+
+@dataclass
+class StepFlops:
+    """Training FLOPs per token of the input sequence, per pass and for the step."""
+
+    passes: dict[str, float]
+    total: float
+    baseline: float
+    """A plain pass of the same backbone (the matched baseline's step)."""
+
+    @property
+    def baseline_ratio(self) -> float:
+        return self.total / self.baseline
+
+
+def _avg_keys(seq_len: int, window: int) -> float:
+    """Mean number of keys a causal query attends to over positions 0..T-1."""
+    if window <= 0 or window >= seq_len:
+        return (seq_len + 1) / 2
+    # positions t < W see t + 1 keys, the rest see W
+    return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
+
+
+def forward_flops_per_token(args: ModelArgs, seq_len: int, with_memory: bool) -> float:
+    """Forward FLOPs per token of one pass over positions with causal attention.
+
+    with_memory: whether the pass reads a non-zero memory (pays the feedback
+    projection); pass 0 skips it.
+    """
+    dim, kv_dim, q_dim = args.dim, args.kv_dim, args.n_heads * args.head_dim
+    macs = 0.0
+    injected = set(args.injected_layers())
+    for layer in range(args.n_layers):
+        macs += dim * (2 * q_dim + 2 * kv_dim)  # wq, wk, wv, wo
+        macs += 2 * dim * args.mlp_ratio * dim  # w1, w2
+        n_gates = (2 if args.lrt.kv_feedback and layer in injected else 0) + int(args.has_value_embed(layer))
+        macs += (args.gate_channels or dim) * n_gates * args.n_kv_heads
+        macs += 2 * q_dim * _avg_keys(seq_len, args.window(layer))  # QK^T and PV
+    macs += dim * args.padded_vocab_size  # LM head
+    if with_memory and args.lrt.enabled and args.lrt.kv_feedback:
+        n_pairs = 1 if args.lrt.projection == "shared" else len(injected)
+        macs += dim * 2 * kv_dim * n_pairs
+    return 2 * macs
+
+
+def step_flops(args: ModelArgs, seq_len: int) -> StepFlops:
+    """Training FLOPs per token of one step of the configured schedule."""
+    lrt = args.lrt
+    pass0 = TRAIN_MULTIPLIER * forward_flops_per_token(args, seq_len, with_memory=False)
+    refined = TRAIN_MULTIPLIER * forward_flops_per_token(args, seq_len, with_memory=True)
+    baseline = TRAIN_MULTIPLIER * forward_flops_per_token(args.replace(lrt=LRTArgs(mode="off")), seq_len, False)
+    if lrt.mode == "interleaved":
+        S = lrt.num_subsets
+        passes = {"pass0": pass0}
+        passes.update({f"subset{i}": refined * len(range(i, seq_len, S)) / seq_len for i in range(S)})
+        if lrt.kv_refresh and lrt.kv_feedback:
+            # before pass i, groups j > i re-project the memory: (S - 1) / 2 of the positions on average
+            n_pairs = 1 if lrt.projection == "shared" else len(args.injected_layers())
+            proj = 2 * args.dim * 2 * args.kv_dim * n_pairs
+            refreshed = sum(len(range(j, seq_len, S)) for i in range(S) for j in range(i + 1, S)) / seq_len
+            passes["kv_refresh"] = (TRAIN_MULTIPLIER if not lrt.detach_buffer else 1) * proj * refreshed
+    elif lrt.mode == "jacobi":
+        passes = {"pass0": pass0, **{f"jacobi{k}": refined for k in range(1, lrt.jacobi_passes)}}
+    else:
+        passes = {"pass0": pass0}
+    return StepFlops(passes=passes, total=sum(passes.values()), baseline=baseline)
