@@ -211,6 +211,9 @@ def test_bad_sources_and_settings_give_clear_errors(tmp_path, tokenizer):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"body": str(i)}) + "\n" for i in range(4)))
     with pytest.raises(KeyError, match="text column 'text' not found.*\\['body'\\]"):
         load_documents(tmp_path / "d.jsonl")
+    numbers = load_documents(datasets.Dataset.from_dict({"n": [1, 2]}), text_column="n")
+    with pytest.raises(TypeError, match="column 'n' of .* holds int, expected str"):
+        list(iter_texts(numbers))
     with pytest.raises(ValueError, match="txt_sample_by must be one of"):
         load_documents(tmp_path / "d.jsonl", txt_sample_by="page")
 

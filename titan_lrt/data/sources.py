@@ -90,25 +90,29 @@ def iter_texts(documents: Documents, limit: int | None = None) -> Iterator[str]:
     for example in documents.dataset:
         if limit is not None and count >= limit:
             return
-        text = document_text(example, documents)
+        text = example_text(example, documents)
         if text:
             count += 1
             yield text
 
 
-def document_text(example: dict, documents: Documents) -> str:
-    """The text of one example; None counts as empty; anything else but str is an error."""
+def example_text(example: dict, documents: Documents) -> str:
+    """The text of one example (a row as a dict)."""
     if documents.text_column not in example:
         raise KeyError(_missing_column_message(documents, list(example)))
-    text = example[documents.text_column]
-    if text is None:
+    return column_text(example[documents.text_column], documents)
+
+
+def column_text(value: object, documents: Documents) -> str:
+    """A text column value as str: None counts as empty, anything else but str is an error."""
+    if value is None:
         return ""
-    if not isinstance(text, str):
+    if not isinstance(value, str):
         raise TypeError(
-            f"column {documents.text_column!r} of {documents.name} holds {type(text).__name__}, "
+            f"column {documents.text_column!r} of {documents.name} holds {type(value).__name__}, "
             "expected str; set text_column to a string column"
         )
-    return text
+    return value
 
 
 def _checked(documents: Documents) -> Documents:

@@ -31,7 +31,7 @@ from typing import NamedTuple, Protocol
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from titan_lrt.data.sources import Documents, document_text
+from titan_lrt.data.sources import Documents, column_text, example_text
 
 # Documents are tokenized in chunks of up to this many documents or characters:
 # enough for the tokenizer's batch parallelism, little buffered per stream.
@@ -105,9 +105,9 @@ def _read_map_style(documents, num_streams, stream, seed, epoch, doc, source) ->
     order = stream_document_order(len(documents.dataset), num_streams, stream, epoch, seed)
     for start in range(doc, len(order), DOCS_PER_CHUNK):
         indices = order[start : start + DOCS_PER_CHUNK].tolist()
-        rows = documents.dataset[indices][documents.text_column]
-        for j, text in enumerate(rows, start):
-            text = document_text({documents.text_column: text}, documents)
+        values = documents.dataset[indices][documents.text_column]
+        for j, value in enumerate(values, start):
+            text = column_text(value, documents)
             if text:
                 yield Document(epoch, j, text, None)
 
@@ -118,7 +118,7 @@ def _read_streaming(documents, num_streams, stream, seed, epoch, doc, source) ->
         shard.load_state_dict(source)
     before = source
     for j, example in enumerate(shard, doc):
-        text = document_text(example, documents)
+        text = example_text(example, documents)
         if text:
             yield Document(epoch, j, text, before)
         before = shard.state_dict()
