@@ -472,3 +472,17 @@ def test_packed_rows_dataset_rejects_empty_streams():
     )
     with pytest.raises(ValueError, match="stream 1 of 2 has no non-empty document"):
         next(iter(dataset))
+
+
+def test_data_package_imports_no_trainer_side_module():
+    import ast
+    import pathlib
+
+    import titan_lrt.data
+
+    forbidden = ("titan_lrt.model", "titan_lrt.parallel", "titan_lrt.train", "titan_lrt.checkpoint", "titan_lrt.config")
+    for path in pathlib.Path(titan_lrt.data.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            assert not [n for n in names if n.startswith(forbidden)], (path.name, names)
