@@ -1,25 +1,15 @@
 """Data pipeline: embedded corpus, tokenizer, document sources, packing, resumable loader.
 
-Imports nothing from the model, parallel, train, checkpoint or config modules:
-the trainer composes these pieces and passes plain arguments.
+Modules (import them directly; this package imports nothing so that light
+tools such as the corpus builder start fast):
+
+    corpus     ensure_stdlib_corpus: the offline default corpus
+    tokenizer  train_tokenizer, ensure_tokenizer, Tokenizer (BOS id 0)
+    sources    load_documents: local parquet/jsonl/json/txt or a hub stream
+    streams    world-size-independent virtual streams of documents
+    packing    concat / bos_aligned rows of seq_len + 1 tokens
+    loader     build_dataloader, TokenBatchLoader, merge_loader_states
+
+Nothing here imports the model, parallel, train, checkpoint or config
+modules: the trainer composes these pieces and passes plain arguments.
 """
-
-from titan_lrt.data.corpus import ensure_stdlib_corpus
-from titan_lrt.data.loader import TokenBatchLoader, build_dataloader, merge_loader_states
-from titan_lrt.data.packing import PACKING_MODES
-from titan_lrt.data.sources import load_documents
-from titan_lrt.data.tokenizer import BOS_ID, BOS_TOKEN, Tokenizer, ensure_tokenizer, train_tokenizer
-
-__all__ = [
-    "BOS_ID",
-    "BOS_TOKEN",
-    "PACKING_MODES",
-    "TokenBatchLoader",
-    "Tokenizer",
-    "build_dataloader",
-    "ensure_stdlib_corpus",
-    "ensure_tokenizer",
-    "load_documents",
-    "merge_loader_states",
-    "train_tokenizer",
-]
