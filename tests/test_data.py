@@ -440,21 +440,23 @@ def test_state_validation_and_merge_errors(corpus_dir, tokenizer):
         merge_loader_states([state, {**state, "packing": "concat"}])
 
 
-def test_streaming_source_resumes_and_matches_across_world_sizes(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_streaming_source_resumes_and_matches_across_world_sizes(tmp_path, num_workers):
     path = tmp_path / "stream.jsonl"
     path.write_text("".join(json.dumps({"text": f"streamed document {i} " * (1 + i % 4)}) + "\n" for i in range(9)))
 
-    def make(world=1, rank=0):
+    def make(world=1, rank=0, workers=0):
         return build_dataloader(
             path, streaming=True, tokenizer=CharTokenizer(), seq_len=12, local_batch_size=4 // world,
-            num_streams=2, dp_rank=rank, dp_world_size=world, packing="concat",
+            num_streams=2, dp_rank=rank, dp_world_size=world, packing="concat", num_workers=workers,
         )
 
     expected = take(make(), 20)
-    first = make()
+    first = make(workers=num_workers)
     take(first, 8)
     state = first.state_dict()
-    assert state["streams"]["0"]["source"] is not None or state["streams"]["0"]["doc"] == 0
+    assert {s["epoch"] for s in state["streams"].values()} != {0}
+    assert all((s["source"] is None) == (s["doc"] == 0) for s in state["streams"].values())
     second = make()
     second.load_state_dict(state)
     assert_same_batches(take(second, 12), expected[8:])
