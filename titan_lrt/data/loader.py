@@ -1,0 +1,273 @@
+"""The training data loader: one global row sequence, split across data-parallel ranks.
+
+Global row g is row `g div N` of virtual stream `g mod N` (N = `num_streams`,
+see `streams.py`); this sequence does not depend on the world size W. Rank r
+of W takes exactly the rows g with g = r (mod W), in order, and yields them
+`local_batch_size` at a time, so a step with global batch G = W * local rows
+consumes global rows [kG, (k+1)G). W must divide N: a rank then owns whole
+streams (those s with s = r mod W).
+
+Resume and resharding. `state_dict()` of a rank holds the state of the
+streams it owns, keyed by stream id (as str), plus the settings that must not
+change across a resume:
+
+    {"num_streams": N, "seq_len": T, "packing": "...", "seed": S,
+     "streams": {"0": {"epoch", "doc", "offset", "rows", "tokens_read",
+                       "tokens_dropped", "source"}, "2": {...}, ...}}
+
+`merge_loader_states` unions the dicts of all ranks; `load_state_dict` takes
+that union (any world size dividing N) and keeps the streams the rank owns.
+The global position is the total number of rows of all streams, so the dicts
+of every rank are needed, taken at the same step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import datasets
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from titan_lrt.data.packing import PACKING_MODES, row_packer
+from titan_lrt.data.sources import Documents, load_documents
+from titan_lrt.data.streams import StreamState, TextEncoder, TokenStream
+
+_SETTINGS = ("num_streams", "seq_len", "packing", "seed")
+
+
+class PackedRowsDataset(IterableDataset):
+    """Yields the (inputs, targets) batches of one rank; `state_dict`/`load_state_dict` as above."""
+
+    def __init__(
+        self,
+        documents: Documents,
+        tokenizer: TextEncoder,
+        *,
+        seq_len: int,
+        local_batch_size: int,
+        dp_rank: int = 0,
+        dp_world_size: int = 1,
+        num_streams: int = 64,
+        packing: str = "bos_aligned",
+        seed: int = 0,
+    ):
+        _check_positive_int("seq_len", seq_len)
+        _check_positive_int("local_batch_size", local_batch_size)
+        _check_positive_int("dp_world_size", dp_world_size)
+        _check_positive_int("num_streams", num_streams)
+        if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_world_size:
+            raise ValueError(f"dp_rank must be an integer in [0, {dp_world_size}), got {dp_rank!r}")
+        if num_streams % dp_world_size:
+            raise ValueError(
+                f"num_streams ({num_streams}) must be a multiple of dp_world_size ({dp_world_size}) "
+                "so that each rank owns whole streams; pick num_streams divisible by every "
+                "world size the run may use (e.g. 64)"
+            )
+        self._pack = row_packer(packing)
+        if not documents.streaming and len(documents.dataset) < num_streams:
+            raise ValueError(
+                f"{documents.name} has {len(documents.dataset)} documents, fewer than "
+                f"num_streams={num_streams}; lower num_streams"
+            )
+        self.documents = documents
+        self.tokenizer = tokenizer
+        self.local_batch_size = local_batch_size
+        self.dp_rank = dp_rank
+        self.dp_world_size = dp_world_size
+        self.settings = {"num_streams": num_streams, "seq_len": seq_len, "packing": packing, "seed": seed}
+        self.load_state_dict(self._initial_state())
+
+    @property
+    def owned_streams(self) -> range:
+        return range(self.dp_rank, self.settings["num_streams"], self.dp_world_size)
+
+    def state_dict(self) -> dict:
+        streams = {str(s): self._states[s].to_dict() for s in self.owned_streams}
+        return {**self.settings, "streams": streams}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take the streams this rank owns from `state` (the merged states of all ranks)."""
+        for key in _SETTINGS:
+            if state.get(key) != self.settings[key]:
+                raise ValueError(
+                    f"loader state has {key}={state.get(key)!r} but this loader has "
+                    f"{key}={self.settings[key]!r}; resume with the same {key}"
+                )
+        num_streams = self.settings["num_streams"]
+        streams = {int(s): StreamState.from_dict(v) for s, v in state["streams"].items()}
+        if set(streams) != set(range(num_streams)):
+            missing = sorted(set(range(num_streams)) - set(streams))
+            raise ValueError(
+                f"loader state lacks streams {missing} of {num_streams}; load the states of all "
+                "ranks merged with merge_loader_states"
+            )
+        next_row = sum(s.rows for s in streams.values())
+        for s, stream_state in streams.items():
+            expected = (next_row - s + num_streams - 1) // num_streams
+            if stream_state.rows != expected:
+                raise ValueError(
+                    f"loader state is not at a global row boundary: stream {s} produced "
+                    f"{stream_state.rows} rows, expected {expected} after {next_row} global rows; "
+                    "take the states of all ranks at the same step"
+                )
+        self._states = {s: streams[s] for s in self.owned_streams}
+        # this rank's first global row at or after next_row
+        self._next_row = next_row + (self.dp_rank - next_row) % self.dp_world_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        if info is not None and info.num_workers > 1:
+            raise RuntimeError("PackedRowsDataset supports at most one DataLoader worker")
+        num_streams, row_len = self.settings["num_streams"], self.settings["seq_len"] + 1
+        streams: dict[int, TokenStream] = {}  # opened on first use: each reads ahead a little
+        while True:
+            rows = []
+            for _ in range(self.local_batch_size):
+                s = self._next_row % num_streams
+                if s not in streams:
+                    streams[s] = TokenStream(
+                        self.documents, self.tokenizer, num_streams, s, self.settings["seed"], self._states[s]
+                    )
+                rows.append(self._pack(streams[s], row_len))
+                self._next_row += self.dp_world_size
+            batch = torch.stack(rows).long()
+            yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+    def _initial_state(self) -> dict:
+        streams = {str(s): StreamState().to_dict() for s in range(self.settings["num_streams"])}
+        return {**self.settings, "streams": streams}
+
+
+class TokenBatchLoader:
+    """What the trainer iterates: `(inputs, targets)` long tensors of shape (local_batch_size, seq_len).
+
+    Wraps a `StatefulDataLoader` (at most one worker, which tokenizes in the
+    background). `state_dict()` is the dataset state of the last batch handed
+    out (see the module docstring); `load_state_dict()` restarts the loader
+    from a (merged) state.
+    """
+
+    def __init__(self, dataset: PackedRowsDataset, *, num_workers: int = 0, pin_memory: bool = False):
+        if num_workers not in (0, 1):
+            raise ValueError(
+                f"num_workers must be 0 or 1, got {num_workers!r}: each stream is packed "
+                "sequentially, and one worker already tokenizes off the training process"
+            )
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self._restart()
+
+    def __iter__(self) -> TokenBatchLoader:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._batches is None:
+            self._batches = iter(self._loader)
+        return next(self._batches)
+
+    def state_dict(self) -> dict:
+        if self._batches is None:
+            return self.dataset.state_dict()
+        return _dataset_state(self._loader.state_dict(), self.num_workers)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+        self._restart()
+
+    def stats(self) -> dict:
+        """Token counters of this rank's streams; `waste_fraction` = dropped / read."""
+        streams = self.state_dict()["streams"].values()
+        read = sum(s["tokens_read"] for s in streams)
+        dropped = sum(s["tokens_dropped"] for s in streams)
+        return {"tokens_read": read, "tokens_dropped": dropped, "waste_fraction": dropped / read if read else 0.0}
+
+    def _restart(self) -> None:
+        self._loader = StatefulDataLoader(
+            self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory
+        )
+        self._batches = None
+
+
+def merge_loader_states(states: Iterable[dict]) -> dict:
+    """Union of the loader states of several ranks (same settings, disjoint or equal streams)."""
+    merged: dict | None = None
+    for state in states:
+        if merged is None:
+            merged = {**{k: state[k] for k in _SETTINGS}, "streams": {}}
+        for key in _SETTINGS:
+            if state[key] != merged[key]:
+                raise ValueError(f"cannot merge loader states with {key}={merged[key]!r} and {key}={state[key]!r}")
+        for stream, stream_state in state["streams"].items():
+            previous = merged["streams"].setdefault(str(stream), stream_state)
+            if previous != stream_state:
+                raise ValueError(f"loader states disagree on stream {stream}")
+    if merged is None:
+        raise ValueError("no loader states to merge")
+    return merged
+
+
+def build_dataloader(
+    source: str | Path | Sequence[str | Path] | datasets.Dataset | datasets.IterableDataset,
+    *,
+    tokenizer: TextEncoder,
+    seq_len: int,
+    local_batch_size: int,
+    split: str = "train",
+    text_column: str = "text",
+    dp_rank: int = 0,
+    dp_world_size: int = 1,
+    num_streams: int = 64,
+    packing: str = "bos_aligned",
+    seed: int = 0,
+    num_workers: int = 0,
+    streaming: bool = False,
+    hub_config: str | None = None,
+    txt_sample_by: str = "document",
+    pin_memory: bool = False,
+) -> TokenBatchLoader:
+    """A resumable loader of packed token batches for one data-parallel rank.
+
+    `source`: a local file/directory, a hub dataset name (with `streaming=True`)
+    or a loaded dataset (see `sources.py`); `packing` is one of `PACKING_MODES`.
+    """
+    if packing not in PACKING_MODES:
+        raise ValueError(f"packing must be one of {PACKING_MODES}, got {packing!r}")
+    documents = load_documents(
+        source,
+        split=split,
+        text_column=text_column,
+        streaming=streaming,
+        hub_config=hub_config,
+        txt_sample_by=txt_sample_by,
+    )
+    dataset = PackedRowsDataset(
+        documents,
+        tokenizer,
+        seq_len=seq_len,
+        local_batch_size=local_batch_size,
+        dp_rank=dp_rank,
+        dp_world_size=dp_world_size,
+        num_streams=num_streams,
+        packing=packing,
+        seed=seed,
+    )
+    return TokenBatchLoader(dataset, num_workers=num_workers, pin_memory=pin_memory)
+
+
+def _dataset_state(loader_state: dict, num_workers: int) -> dict:
+    """The dataset's state inside a `StatefulDataLoader` state (torchdata 0.11 layout)."""
+    try:
+        if num_workers == 0:
+            return loader_state["dataset_state"]
+        return loader_state["_snapshot"]["_worker_snapshots"]["worker_0"]["dataset_state"]
+    except KeyError as err:
+        raise RuntimeError(f"unexpected StatefulDataLoader state layout (missing {err}); torchdata version?") from err
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
