@@ -79,7 +79,7 @@ def test_lrt_off_equals_the_plain_backbone_and_lrt_only_adds_the_pathway():
     lrt_state = lrt.state_dict()
     for name, value in base.state_dict().items():
         if name.endswith("attention.gate.weight"):
-            n_kv = lrt_args.n_kv_heads
+            n_kv = lrt_args.kv_heads
             gate = torch.zeros_like(lrt_state[name])
             gate[2 * n_kv :] = value
             value = gate

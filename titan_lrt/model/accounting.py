@@ -84,7 +84,7 @@ def forward_flops_per_token(args: ModelArgs, seq_len: int, with_memory: bool) ->
         macs += dim * (2 * q_dim + 2 * kv_dim)  # wq, wk, wv, wo
         macs += 2 * dim * args.mlp_ratio * dim  # w1, w2
         n_gates = (2 if args.lrt.kv_feedback and layer in injected else 0) + int(args.has_value_embed(layer))
-        macs += (args.gate_channels or dim) * n_gates * args.n_kv_heads
+        macs += (args.gate_channels or dim) * n_gates * args.kv_heads
         macs += 2 * q_dim * _avg_keys(seq_len, args.window(layer))  # QK^T and PV
     macs += dim * args.padded_vocab_size  # LM head
     if with_memory and args.lrt.enabled and args.lrt.kv_feedback:

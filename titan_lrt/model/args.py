@@ -19,7 +19,7 @@ VALUE_EMBED_MODES = ("none", "alternate", "all")
 class LRTArgs:
     """The latent recurrent pathway and the schedule that trains it."""
 
-    mode: str = "off"
+    mode: str = field(default="off", metadata={"choices": LRT_MODES})
     """Training schedule: "off" (the plain baseline, no pathway), "interleaved"
     (pass 0 + S subset passes, DESIGN 2.4) or "jacobi" (K full passes)."""
 
@@ -37,7 +37,7 @@ class LRTArgs:
     kv_feedback: bool = True
     """Mix W_K m_t and W_V m_t into each injected block's keys and values."""
 
-    projection: str = "shared"
+    projection: str = field(default="shared", metadata={"choices": PROJECTIONS})
     """Feedback projections W_K, W_V: "shared" by all layers (computed once per
     pass) or "layerwise" (one pair per injected layer)."""
 
@@ -104,7 +104,7 @@ class ModelArgs:
     logit_softcap: float = 15.0
     """Logits are capped as c * tanh(logits / c) in fp32 (0 disables)."""
 
-    value_embeds: str = "none"
+    value_embeds: str = field(default="none", metadata={"choices": VALUE_EMBED_MODES})
     """Token-indexed value embeddings added to V through a gate: "none",
     "alternate" (every other layer, the last included) or "all"."""
 
@@ -132,18 +132,20 @@ class ModelArgs:
     """The latent recurrent pathway and its training schedule."""
 
     def __post_init__(self):
-        if self.n_kv_heads == 0:
-            self.n_kv_heads = self.n_heads
         self.validate()
 
     # ---- derived sizes -------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
     @property
     def kv_dim(self) -> int:
-        return self.n_kv_heads * self.head_dim
+        return self.kv_heads * self.head_dim
 
     @property
     def padded_vocab_size(self) -> int:
@@ -188,7 +190,7 @@ class ModelArgs:
         _check(self.dim % self.n_heads == 0, f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
         _check(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
         _check(
-            self.n_heads % self.n_kv_heads == 0,
+            self.n_kv_heads >= 0 and self.n_heads % self.kv_heads == 0,
             f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}",
         )
         _check(self.value_embeds in VALUE_EMBED_MODES, f"model.value_embeds={self.value_embeds!r}: allowed {VALUE_EMBED_MODES}")

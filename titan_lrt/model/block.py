@@ -77,7 +77,7 @@ class BlockOutput(NamedTuple):
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
         self.window = args.window(layer)
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.kv_dim, bias=False)
@@ -90,7 +90,7 @@ class Attention(nn.Module):
         )
         self.gate_channels = args.gate_channels or args.dim
         self.gate = (
-            nn.Linear(self.gate_channels, len(self.gate_names) * args.n_kv_heads, bias=False) if self.gate_names else None
+            nn.Linear(self.gate_channels, len(self.gate_names) * args.kv_heads, bias=False) if self.gate_names else None
         )
 
     def forward(self, h: Tensor, tokens: Tensor, cos: Tensor, sin: Tensor, memory: Optional[Memory], keys: Keys):

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from titan_lrt.model.block import CacheKeys
 from titan_lrt.model.memory import apply_reset, memory_keep_mask
 from titan_lrt.model.schedule import baseline, run_schedule
-from titan_lrt.model.transformer import Transformer
+from titan_lrt.model.transformer import IGNORE_INDEX, Transformer
 
 PREFILL_MODES = ("exact", "schedule", "zero")
 
@@ -42,7 +43,7 @@ class DecodeState:
         a = model.args
         if max_len > a.max_seq_len:
             raise ValueError(f"decoding needs {max_len} positions but model.max_seq_len={a.max_seq_len}")
-        shape = (batch, a.n_kv_heads, max_len, a.head_dim)
+        shape = (batch, a.kv_heads, max_len, a.head_dim)
         return cls(
             keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(a.n_layers)],
             values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(a.n_layers)],
@@ -111,6 +112,18 @@ def prefill(
     state.lengths = lengths
     state.last_state = result.states[rows, lengths - 1].to(dtype)
     return state, result.logits[rows, lengths - 1]
+
+
+@torch.no_grad()
+def recurrent_token_losses(model: Transformer, tokens: Tensor, targets: Tensor) -> Tensor:
+    """(B, T) next-token losses under the exact recurrence (batched KV-cache decoding)."""
+    B, T = tokens.shape
+    state = DecodeState.empty(model, B, T, tokens.device, next(model.parameters()).dtype)
+    losses = []
+    for t in range(T):
+        logits = decode_step(model, state, tokens[:, t])
+        losses.append(F.cross_entropy(logits, targets[:, t], ignore_index=IGNORE_INDEX, reduction="none"))
+    return torch.stack(losses, dim=1)
 
 
 def sample(logits: Tensor, temperature: float, top_k: Optional[int], generator: Optional[torch.Generator]) -> Tensor:

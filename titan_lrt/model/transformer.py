@@ -58,7 +58,7 @@ class FeedbackProjection(nn.Module):
         super().__init__()
         self.layers = args.injected_layers()
         self.shared = args.lrt.projection == "shared"
-        self.n_kv_heads, self.head_dim, self.dim = args.n_kv_heads, args.head_dim, args.dim
+        self.n_kv_heads, self.head_dim, self.dim = args.kv_heads, args.head_dim, args.dim
         n_pairs = 1 if self.shared else len(self.layers)
         self.proj = nn.Linear(args.dim, n_pairs * 2 * args.kv_dim, bias=False)
 

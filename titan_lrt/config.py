@@ -1,0 +1,494 @@
+"""Run configuration: typed sections read from TOML, overridden from the command line.
+
+    ./run_train.sh --config train_configs/debug_model.toml --training.steps=200 --lrt.num_subsets 4
+
+Every key is a field of a section dataclass below, with a type, a default and
+a docstring. Unknown keys and bad values fail before any heavy work starts,
+with one message that names the key, the bad value and what is allowed. The
+[model] section also accepts any backbone field of `ModelArgs` (e.g. `dim`) to
+override the chosen flavor; [lrt] is `LRTArgs` itself.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from titan_lrt.model.args import FLAVORS, LRTArgs, ModelArgs
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class Job:
+    dump_folder: str = "./outputs"
+    """Folder of this run: checkpoints, TensorBoard logs and the resolved config go below it."""
+
+    description: str = ""
+    """Free text shown at start-up and saved with the config."""
+
+
+@dataclass
+class Model:
+    flavor: str = "debug"
+    """Preset of the backbone sizes (titan_lrt.model.args.FLAVORS); any ModelArgs field
+    given in this section (n_layers, dim, n_heads, ...) overrides the preset."""
+
+    tokenizer_path: str = "assets/tokenizer/stdlib_bpe8k.json"
+    """tokenizer.json to use. If it does not exist and data.dataset is "stdlib", a
+    byte-level BPE of model.vocab_size tokens is trained on the embedded corpus."""
+
+    vocab_size: int = 8192
+    """Vocabulary of a tokenizer trained here; a given tokenizer.json sets its own."""
+
+    overrides: dict = field(default_factory=dict, metadata={"internal": True})
+
+
+@dataclass
+class Training:
+    steps: int = 100
+    """Optimizer steps of the run."""
+
+    seq_len: int = 512
+    """Tokens per training sequence (the model's RoPE table covers it)."""
+
+    local_batch_size: int = 8
+    """Sequences per micro-batch on each data-parallel rank."""
+
+    global_batch_size: int = 0
+    """Sequences per optimizer step over all ranks (0: local_batch_size x ranks, no
+    accumulation); must be a multiple of local_batch_size x ranks, the rest is
+    gradient accumulation."""
+
+    max_norm: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+
+    mixed_precision: str = field(default="auto", metadata={"choices": ("auto", "bfloat16", "float32")})
+    """Autocast dtype. "auto": bfloat16 on GPUs and on CPUs with native bf16 matmuls,
+    float32 on other CPUs (where bf16 matmuls are emulated and far slower)."""
+
+    seed: int = 0
+    """Seed of the model initialisation and of the data order."""
+
+    deterministic: bool = False
+    """Use deterministic kernels only (slower; for debugging and exact comparisons)."""
+
+    nonfinite: str = field(default="stop", metadata={"choices": ("stop", "skip")})
+    """What a NaN/inf loss or gradient norm does: stop the run with a clear message,
+    or skip the optimizer step (and stop after 10 in a row)."""
+
+    device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
+    """Where to train ("auto": cuda when available)."""
+
+
+@dataclass
+class Optimizer:
+    name: str = field(default="adamw", metadata={"choices": ("adamw", "muon")})
+    """adamw, or muon for the 2-D block matrices with AdamW for the rest."""
+
+    lr: float = 3e-3
+    """Peak learning rate (AdamW groups)."""
+
+    beta1: float = 0.9
+    """AdamW beta1."""
+
+    beta2: float = 0.95
+    """AdamW beta2."""
+
+    eps: float = 1e-8
+    """AdamW epsilon."""
+
+    weight_decay: float = 0.0
+    """Decoupled weight decay of the matrices (never on embeddings, head or scalars)."""
+
+    muon_lr: float = 0.02
+    """Muon learning rate of the 2-D block matrices (name = "muon")."""
+
+    muon_momentum: float = 0.95
+    """Muon momentum."""
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = 10
+    """Linear warmup from 0 to the peak learning rate."""
+
+    decay_ratio: float = 0.2
+    """Fraction of the steps, at the end of the run, over which the LR decays."""
+
+    decay_type: str = field(default="linear", metadata={"choices": ("linear", "sqrt", "cosine")})
+    """Shape of the decay."""
+
+    min_lr_factor: float = 0.0
+    """Final learning rate as a fraction of the peak."""
+
+
+@dataclass
+class Data:
+    dataset: str = "stdlib"
+    """"stdlib" (the embedded offline corpus, built on first use), a local folder or
+    file of parquet/jsonl/json/txt, or a Hugging Face hub name (needs streaming = true)."""
+
+    corpus_path: str = "assets/stdlib_corpus"
+    """Where the embedded corpus is built and read (dataset = "stdlib")."""
+
+    text_column: str = "text"
+    """Column holding the document text."""
+
+    streaming: bool = False
+    """Stream a hub dataset (the only way a hub name is read; needs the network)."""
+
+    packing: str = field(default="bos_aligned", metadata={"choices": ("bos_aligned", "concat")})
+    """How documents are packed into rows (see titan_lrt.data.packing)."""
+
+    num_streams: int = 8
+    """Fixed virtual data streams; any data-parallel world size dividing it can resume a run."""
+
+    num_workers: int = 1
+    """Background tokenization workers of the loader (0 or 1)."""
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = True
+    """Save DCP checkpoints."""
+
+    folder: str = "checkpoints"
+    """Checkpoint folder, relative to job.dump_folder."""
+
+    interval: int = 50
+    """Save every this many steps (and at the end)."""
+
+    keep_latest_k: int = 3
+    """Keep only the newest k checkpoints (0: keep all)."""
+
+    async_mode: str = field(default="disabled", metadata={"choices": ("disabled", "async")})
+    """Save in a background thread while training continues."""
+
+    load: str = "latest"
+    """"latest" (resume when a checkpoint exists), "none", or the path of a step folder."""
+
+    initial_load_path: str = ""
+    """Checkpoint whose model weights initialise a new run (when there is nothing to resume)."""
+
+
+@dataclass
+class Metrics:
+    log_freq: int = 10
+    """Console line and TensorBoard scalars every this many steps."""
+
+    enable_tensorboard: bool = True
+    """Write TensorBoard event files."""
+
+    save_tb_folder: str = "tb"
+    """TensorBoard folder, relative to job.dump_folder."""
+
+
+@dataclass
+class Eval:
+    interval: int = 50
+    """Validation every this many steps (0: never; also at the end when > 0)."""
+
+    steps: int = 4
+    """Validation batches for the merged (schedule) bits per byte."""
+
+    exact_sequences: int = 2
+    """Validation sequences scored by exact recurrence (token-by-token decoding)."""
+
+    split: str = "validation"
+    """Dataset split used for validation."""
+
+
+SECTIONS: dict[str, type] = {
+    "job": Job,
+    "model": Model,
+    "lrt": LRTArgs,
+    "training": Training,
+    "optimizer": Optimizer,
+    "lr_scheduler": LRScheduler,
+    "data": Data,
+    "checkpoint": Checkpoint,
+    "metrics": Metrics,
+    "eval": Eval,
+}
+
+MODEL_OVERRIDES = tuple(
+    f.name for f in dataclasses.fields(ModelArgs) if f.name not in ("lrt", "vocab_size", "bos_token_id", "max_seq_len")
+)
+"""ModelArgs fields the [model] section may set; vocabulary, BOS and length come
+from the tokenizer and training.seq_len."""
+
+
+@dataclass
+class Config:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    lrt: LRTArgs = field(default_factory=LRTArgs)
+    training: Training = field(default_factory=Training)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    data: Data = field(default_factory=Data)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    metrics: Metrics = field(default_factory=Metrics)
+    eval: Eval = field(default_factory=Eval)
+
+    def model_args(self, vocab_size: int, bos_token_id: int) -> ModelArgs:
+        """The model's arguments: flavor, overrides, tokenizer and sequence length."""
+        base = FLAVORS[self.model.flavor]
+        return base.replace(
+            **self.model.overrides,
+            vocab_size=vocab_size,
+            bos_token_id=bos_token_id,
+            max_seq_len=self.training.seq_len,
+            lrt=dataclasses.replace(self.lrt),
+        )
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML that --config reads back."""
+        lines = []
+        for name in SECTIONS:
+            section = getattr(self, name)
+            lines.append(f"[{name}]")
+            for f in dataclasses.fields(section):
+                if f.metadata.get("internal"):
+                    continue
+                lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+            if name == "model":
+                lines += [f"{k} = {_toml_value(v)}" for k, v in sorted(self.model.overrides.items())]
+            lines.append("")
+        return "\n".join(lines)
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message says which and what is allowed."""
+
+
+def load_config(argv: list[str]) -> tuple[Config, bool]:
+    """Parse `--config FILE`, `--print-config` and `--section.key[=]value` overrides.
+
+    Returns the validated config and whether --print-config was given.
+    """
+    args = list(argv)
+    config_path, print_config, overrides = None, False, []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--print-config":
+            print_config = True
+        elif arg == "--config" or arg.startswith("--config="):
+            if "=" in arg:
+                config_path = arg.split("=", 1)[1]
+            else:
+                i += 1
+                if i == len(args):
+                    raise ConfigError("--config needs a TOML file path")
+                config_path = args[i]
+        elif arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            if "=" in arg:
+                key, value = arg[2:].split("=", 1)
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                key, value = arg[2:], args[i + 1]
+                i += 1
+            else:  # a bare flag means true (for booleans)
+                key, value = arg[2:], "true"
+            overrides.append((key, value))
+        else:
+            raise ConfigError(
+                f"unexpected argument {arg!r}: use --config FILE, --print-config or --section.key=value"
+            )
+        i += 1
+
+    config = Config()
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"--config {config_path}: no such file")
+        try:
+            table = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{config_path}: not valid TOML ({e})") from None
+        for section, values in table.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{config_path}: top-level key {section!r} must be a [section]")
+            for key, value in values.items():
+                _set(config, section, key, value, source=config_path)
+    for dotted, text in overrides:
+        section, _, key = dotted.partition(".")
+        _set(config, section, key, text, source="command line", from_text=True)
+    validate(config)
+    return config, print_config
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks, before any heavy work."""
+    t = config.training
+    for name in ("steps", "seq_len", "local_batch_size"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"training.{name}={getattr(t, name)} must be >= 1")
+    if t.global_batch_size < 0 or (t.global_batch_size and t.global_batch_size % t.local_batch_size):
+        raise ConfigError(
+            f"training.global_batch_size={t.global_batch_size} must be 0 or a multiple of "
+            f"training.local_batch_size={t.local_batch_size}"
+        )
+    if config.model.flavor not in FLAVORS:
+        raise ConfigError(f"model.flavor={config.model.flavor!r}: allowed {sorted(FLAVORS)}")
+    for section, name in (("metrics", "log_freq"), ("checkpoint", "interval")):
+        if getattr(getattr(config, section), name) < 1:
+            raise ConfigError(f"{section}.{name}={getattr(getattr(config, section), name)} must be >= 1")
+    if config.checkpoint.keep_latest_k < 0:
+        raise ConfigError(f"checkpoint.keep_latest_k={config.checkpoint.keep_latest_k} must be >= 0")
+    if config.eval.interval < 0 or config.eval.steps < 1 or config.eval.exact_sequences < 0:
+        raise ConfigError("eval.interval must be >= 0, eval.steps >= 1, eval.exact_sequences >= 0")
+    if config.data.num_workers not in (0, 1):
+        raise ConfigError(f"data.num_workers={config.data.num_workers}: allowed 0 or 1")
+    if config.data.num_streams < 1:
+        raise ConfigError(f"data.num_streams={config.data.num_streams} must be >= 1")
+    s = config.lr_scheduler
+    if s.warmup_steps < 0 or not 0 <= s.decay_ratio <= 1 or not 0 <= s.min_lr_factor <= 1:
+        raise ConfigError(
+            f"lr_scheduler: warmup_steps={s.warmup_steps} must be >= 0, decay_ratio={s.decay_ratio} and "
+            f"min_lr_factor={s.min_lr_factor} in [0, 1]"
+        )
+    try:  # the model's own checks (sizes, LRT options), with a placeholder vocabulary
+        config.model_args(vocab_size=max(config.model.vocab_size, 1), bos_token_id=0)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def describe(section_cls: type) -> dict[str, str]:
+    """Field docstrings of a section dataclass (read from its source)."""
+    tree = ast.parse(inspect.getsource(section_cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def config_reference() -> str:
+    """Markdown table of every key (the README's config reference)."""
+    out = []
+    for name, cls in SECTIONS.items():
+        docs = describe(cls)
+        out.append(f"\n**[{name}]**\n\n| key | default | meaning |\n| --- | --- | --- |")
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("internal"):
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            choices = f.metadata.get("choices")
+            meaning = docs.get(f.name, "") + (f" One of {', '.join(choices)}." if choices else "")
+            out.append(f"| `{f.name}` | `{_toml_value(default)}` | {meaning} |")
+        if name == "model":
+            out.append(
+                "| *any of* " + ", ".join(f"`{k}`" for k in MODEL_OVERRIDES) + " | flavor's | overrides the flavor "
+                "(see `titan_lrt/model/args.py` for each) |"
+            )
+    return "\n".join(out)
+
+
+# ---- internals ---------------------------------------------------------------------
+
+
+def _set(config: Config, section: str, key: str, value: Any, source: str, from_text: bool = False) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"{source}: unknown section [{section}]{_suggest(section, SECTIONS)}; allowed: {', '.join(SECTIONS)}")
+    target = getattr(config, section)
+    fields = {f.name: f for f in dataclasses.fields(target) if not f.metadata.get("internal")}
+    if section == "model" and key in MODEL_OVERRIDES:
+        ftype = typing.get_type_hints(ModelArgs)[key]
+        choices = {f.name: f for f in dataclasses.fields(ModelArgs)}[key].metadata.get("choices")
+        config.model.overrides[key] = _coerce(f"model.{key}", value, ftype, choices, source, from_text)
+        return
+    if key not in fields:
+        allowed = list(fields) + (list(MODEL_OVERRIDES) if section == "model" else [])
+        raise ConfigError(f"{source}: unknown key {section}.{key}{_suggest(key, allowed)}; allowed: {', '.join(allowed)}")
+    f = fields[key]
+    ftype = typing.get_type_hints(type(target))[key]
+    setattr(target, key, _coerce(f"{section}.{key}", value, ftype, f.metadata.get("choices"), source, from_text))
+
+
+def _coerce(name: str, value: Any, ftype, choices, source: str, from_text: bool):
+    def bad(expected: str):
+        return ConfigError(f"{source}: {name}={value!r} is not {expected}")
+
+    origin = typing.get_origin(ftype)
+    if origin is list:
+        (item_type,) = typing.get_args(ftype)
+        if from_text:
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError:
+                    raise bad("a list such as [0.5, 1.0] or 0.5,1.0") from None
+            else:
+                value = [v for v in text.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise bad(f"a list of {item_type.__name__}")
+        return [_coerce(name, v, item_type, None, source, from_text and isinstance(v, str)) for v in value]
+    if ftype is bool:
+        if from_text:
+            lowered = str(value).strip().lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise bad("a boolean (true or false)")
+    if ftype is int:
+        if from_text:
+            try:
+                value = int(str(value).strip())
+            except ValueError:
+                raise bad("an integer") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if ftype is float:
+        if from_text:
+            try:
+                value = float(str(value).strip())
+            except ValueError:
+                raise bad("a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if ftype is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        if choices and value not in choices:
+            raise ConfigError(f"{source}: {name}={value!r}{_suggest(value, choices)}; allowed: {', '.join(choices)}")
+        return value
+    raise ConfigError(f"{name}: unsupported field type {ftype}")  # pragma: no cover
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+

@@ -1,0 +1,409 @@
+"""The trainer: builds the pieces from the config, then runs the training loop.
+
+    for each step:
+        for each micro-batch:                 # gradient accumulation
+            run the LRT schedule on it        # pass 0 + refinement passes, with backward
+        clip, guard against NaN/inf, optimizer step, LR step
+        log / evaluate / checkpoint
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from titan_lrt import checkpoint as ckpt
+from titan_lrt.config import Config, ConfigError, load_config
+from titan_lrt.cpu_allocator import keep_freed_memory
+from titan_lrt.data.corpus import ensure_stdlib_corpus
+from titan_lrt.data.loader import build_dataloader, merge_loader_states
+from titan_lrt.data.tokenizer import Tokenizer, ensure_tokenizer
+from titan_lrt.eval.bpb import evaluate_bpb
+from titan_lrt.metrics import MetricsLogger, device_peak_flops, format_step_line, memory_stats
+from titan_lrt.model.accounting import count_parameters, step_flops
+from titan_lrt.model.schedule import StepResult, run_schedule
+from titan_lrt.model.transformer import Transformer
+from titan_lrt.optim import build_lr_schedulers, build_optimizers, clip_grad_norm_
+from titan_lrt.parallel.distributed import DistInfo, init_distributed, shutdown
+
+logger = logging.getLogger("titan_lrt")
+
+MAX_SKIPPED_STEPS = 10
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient norm became NaN/inf."""
+
+
+@dataclass
+class TrainState:
+    """Progress of the run, checkpointed with the model (RNG states ride along)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+
+
+class Trainer:
+    def __init__(self, config: Config):
+        self.config = config
+        t = config.training
+        self.dist: DistInfo = init_distributed(t.device)
+        self.device = self.dist.device
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        _seed_everything(t.seed, t.deterministic)
+        self.dump_folder = Path(config.job.dump_folder)
+        self.autocast = _autocast(t.mixed_precision, self.device)
+
+        self.tokenizer = self._prepare_tokenizer()
+        self.model_args = config.model_args(self.tokenizer.vocab_size, self.tokenizer.bos_id)
+        self.model = self._build_model()
+        self.optimizers = build_optimizers(self.model, **_optimizer_kwargs(config))
+        self.lr_schedulers = build_lr_schedulers(self.optimizers, steps=t.steps, **vars(config.lr_scheduler))
+
+        dp = self.dist.world_size
+        self.global_batch = t.global_batch_size or t.local_batch_size * dp
+        if self.global_batch % (t.local_batch_size * dp):
+            raise ConfigError(
+                f"training.global_batch_size={self.global_batch} is not a multiple of local_batch_size x ranks "
+                f"= {t.local_batch_size} x {dp}"
+            )
+        self.grad_accum = self.global_batch // (t.local_batch_size * dp)
+        self.data_source = self._data_source()
+        self.train_loader = self._loader(split="train")
+        self.batches = iter(self.train_loader)
+        self.token_bytes = self.tokenizer.token_bytes().to(self.device)
+
+        self.state = TrainState()
+        self.checkpointer = ckpt.CheckpointManager(
+            folder=self.dump_folder / config.checkpoint.folder,
+            states={
+                "model": ckpt.ModelWrapper(self.model),
+                "optimizer": ckpt.OptimizerWrapper(self.model, self.optimizers.optimizers),
+                "lr_scheduler": self.lr_schedulers,
+                "train_state": self.state,
+            },
+            per_rank_states={"dataloader": (self.train_loader, merge_loader_states)},
+            enable=config.checkpoint.enable,
+            interval=config.checkpoint.interval,
+            keep_latest_k=config.checkpoint.keep_latest_k,
+            async_mode=config.checkpoint.async_mode,
+            load=config.checkpoint.load,
+            initial_load_path=config.checkpoint.initial_load_path or None,
+            config_text=config.to_toml(),
+        )
+        self.metrics = MetricsLogger(
+            self.dump_folder / config.metrics.save_tb_folder if self.dist.is_main else None,
+            config.metrics.enable_tensorboard,
+        )
+        self.flops = step_flops(self.model_args, t.seq_len)
+        self.peak_flops = device_peak_flops(self.device)
+        self._log_setup()
+
+    # ---- set-up ------------------------------------------------------------------
+
+    def _prepare_tokenizer(self) -> Tokenizer:
+        m, d = self.config.model, self.config.data
+        path = Path(m.tokenizer_path)
+        if d.dataset == "stdlib":
+            self._on_main_first(lambda: ensure_stdlib_corpus(d.corpus_path, show_progress=self.dist.is_main))
+            if not path.exists():
+                self._on_main_first(
+                    lambda: ensure_tokenizer(path, d.corpus_path, m.vocab_size, show_progress=self.dist.is_main)
+                )
+        if not path.is_file():
+            raise ConfigError(
+                f"model.tokenizer_path={m.tokenizer_path}: no such file; give a tokenizer.json or train one "
+                "with tools/train_tokenizer.py"
+            )
+        return Tokenizer.from_file(path)
+
+    def _build_model(self) -> Transformer:
+        with torch.device("meta"):
+            model = Transformer(self.model_args)
+        model.to_empty(device=self.device)
+        torch.manual_seed(self.config.training.seed)
+        model.init_weights(buffer_device=self.device)
+        return model
+
+    def _data_source(self) -> str:
+        d = self.config.data
+        return d.corpus_path if d.dataset == "stdlib" else d.dataset
+
+    def _loader(self, split: str, eval_mode: bool = False):
+        d, t = self.config.data, self.config.training
+        return build_dataloader(
+            self.data_source,
+            tokenizer=self.tokenizer,
+            seq_len=t.seq_len,
+            local_batch_size=t.local_batch_size,
+            split=split,
+            text_column=d.text_column,
+            dp_rank=self.dist.rank,
+            dp_world_size=self.dist.world_size,
+            num_streams=self.dist.world_size if eval_mode else d.num_streams,
+            packing="concat" if eval_mode else d.packing,
+            seed=t.seed,
+            num_workers=0 if eval_mode else d.num_workers,
+            streaming=d.streaming,
+        )
+
+    def _on_main_first(self, fn):
+        """Run fn on rank 0, then on the others (shared files are built once)."""
+        if self.dist.is_main:
+            fn()
+        _barrier()
+        if not self.dist.is_main:
+            fn()
+
+    def _log_setup(self) -> None:
+        c, t = self.config, self.config.training
+        counts = count_parameters(self.model_args)
+        lrt = self.model_args.lrt
+        logger.info(f"titan_lrt: {c.job.description or 'run'} -> {self.dump_folder}")
+        logger.info(
+            f"model: flavor {c.model.flavor}, {self.model_args.n_layers} layers, dim {self.model_args.dim}, "
+            f"{self.model_args.n_heads} heads, vocab {self.model_args.vocab_size}; LRT mode {lrt.mode}"
+            + (f", S={lrt.num_subsets}" if lrt.mode == "interleaved" else "")
+            + (f", K={lrt.jacobi_passes}" if lrt.mode == "jacobi" else "")
+        )
+        logger.info(counts.describe())
+        logger.info(
+            f"FLOPs per token (training): {self.flops.total / 1e6:.1f}M, {self.flops.baseline_ratio:.3f}x the "
+            f"baseline step; passes: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in self.flops.passes.items())
+        )
+        logger.info(
+            f"batch: {self.global_batch} sequences x {t.seq_len} tokens per step ({self.grad_accum} micro-batches "
+            f"of {t.local_batch_size} on each of {self.dist.world_size} ranks); device {self.device}, "
+            f"autocast {self.autocast.fast_dtype if self.autocast is not None else 'off'}"
+        )
+
+    # ---- the loop -----------------------------------------------------------------
+
+    def train(self) -> None:
+        c = self.config
+        resumed = self.checkpointer.load()
+        if resumed is not None:
+            self.batches = iter(self.train_loader)
+            logger.info(f"resumed from step {resumed}")
+        window_start, window_tokens = time.perf_counter(), 0
+        while self.state.step < c.training.steps:
+            stats = self.train_step()
+            window_tokens += stats["tokens"]
+            step = self.state.step
+            if step % c.metrics.log_freq == 0 or step == c.training.steps:
+                elapsed = time.perf_counter() - window_start
+                self._log_step(step, stats, window_tokens / elapsed)
+                window_start, window_tokens = time.perf_counter(), 0
+            if c.eval.interval and (step % c.eval.interval == 0 or step == c.training.steps):
+                self.evaluate()
+            self.checkpointer.save(step, force=step == c.training.steps)
+        self.checkpointer.close()
+        self.metrics.close()
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches."""
+        t = self.config.training
+        results: list[StepResult] = []
+        for _ in range(self.grad_accum):
+            inputs, targets = (x.to(self.device, non_blocking=True) for x in next(self.batches))
+            with self.autocast or contextlib.nullcontext():
+                result = run_schedule(self.model, inputs, targets, backward=self._backward)
+            results.append(result)
+        loss = torch.stack([r.loss for r in results]).mean()
+        grad_norm = clip_grad_norm_(self.model.parameters(), t.max_norm)
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizers.step()
+            self.state.skipped_steps = 0
+        else:
+            self._handle_nonfinite(loss, grad_norm)
+        self.lr_schedulers.step()
+        self.optimizers.zero_grad(set_to_none=True)
+        tokens = self.global_batch * t.seq_len
+        self.state.step += 1
+        self.state.tokens_seen += tokens
+        return {"results": results, "loss": loss, "grad_norm": grad_norm, "tokens": tokens}
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def _handle_nonfinite(self, loss, grad_norm) -> None:
+        step = self.state.step + 1
+        message = (
+            f"non-finite values at step {step}: loss {float(loss)}, gradient norm {float(grad_norm)}. "
+            "Lower optimizer.lr, raise lr_scheduler.warmup_steps or check the data; "
+            "training.nonfinite = \"skip\" skips such steps instead."
+        )
+        if self.config.training.nonfinite == "stop":
+            raise NonFiniteError(message + " Stopping; the last checkpoint is intact.")
+        self.state.skipped_steps += 1
+        logger.warning(f"skipping the optimizer step: {message}")
+        if self.state.skipped_steps >= MAX_SKIPPED_STEPS:
+            raise NonFiniteError(f"{MAX_SKIPPED_STEPS} steps in a row were skipped; stopping. Last: {message}")
+
+    # ---- logging and evaluation ----------------------------------------------------
+
+    def _log_step(self, step: int, stats: dict, tokens_per_s: float) -> None:
+        results: list[StepResult] = stats["results"]
+        scalars = {"loss/total": float(stats["loss"])}
+        n_passes = len(results[0].pass_losses)
+        for i in range(n_passes):
+            scalars[f"loss/pass{i}"] = float(sum(r.pass_losses[i] for r in results) / len(results))
+        merged = float(sum(r.token_loss.mean() for r in results) / len(results))
+        scalars["loss/merged"] = merged
+        if n_passes > 1:
+            scalars["loss/merged_minus_pass0"] = merged - scalars["loss/pass0"]
+        scalars.update(_lrt_statistics(self.model, results))
+        scalars["throughput/tokens_per_s"] = tokens_per_s
+        scalars["throughput/tokens_seen"] = self.state.tokens_seen
+        scalars["throughput/baseline_equivalent_tokens"] = self.state.tokens_seen * self.flops.baseline_ratio
+        achieved = tokens_per_s * self.flops.total / self.dist.world_size
+        scalars["throughput/tflops_per_device"] = achieved / 1e12
+        if self.peak_flops:
+            scalars["throughput/mfu_pct"] = 100 * achieved / self.peak_flops
+        scalars["optim/lr"] = self.lr_schedulers.last_lr()
+        scalars["optim/grad_norm"] = float(stats["grad_norm"])
+        scalars["data/waste_fraction"] = self.train_loader.stats()["waste_fraction"]
+        scalars.update(memory_stats(self.device))
+        self.metrics.log(step, scalars, format_step_line(step, scalars) if self.dist.is_main else None)
+
+    def evaluate(self) -> dict[str, float]:
+        e = self.config.eval
+        loader = self._loader(split=e.split, eval_mode=True)
+        batches = (tuple(x.to(self.device) for x in b) for _, b in zip(range(e.steps), loader))
+        self.model.eval()
+        try:
+            result = evaluate_bpb(self.model, batches, self.token_bytes, e.exact_sequences, self.autocast)
+        finally:
+            self.model.train()
+        scalars = result.scalars()
+        line = "eval   " + " | ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in scalars.items())
+        self.metrics.log(self.state.step, scalars, line if self.dist.is_main else None)
+        return scalars
+
+
+def _lrt_statistics(model: Transformer, results: list[StepResult]) -> dict[str, float]:
+    """Mean gamma and mean gate values per pass (over layers and micro-batches)."""
+    out = {}
+    gammas = [layer.gamma for layer in model.layers if layer.gamma is not None]
+    if gammas:
+        out["lrt/gamma_mean"] = float(torch.stack([_local(g).detach().float().mean() for g in gammas]).mean())
+    for p in range(len(results[0].gate_means)):
+        sums: dict[str, list[float]] = {}
+        for r in results:
+            for layer, means in zip(model.layers, r.gate_means[p]):
+                if means is None:
+                    continue
+                for name, value in zip(layer.attention.gate_names, means.tolist()):
+                    sums.setdefault(name, []).append(value)
+        for name, values in sums.items():
+            out[f"lrt/gate_{name}_pass{p}"] = sum(values) / len(values)
+    return out
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _optimizer_kwargs(config: Config) -> dict:
+    return vars(config.optimizer)
+
+
+def _autocast(choice: str, device: torch.device):
+    """The autocast context for training, or None for float32."""
+    if choice == "auto":
+        choice = "bfloat16" if device.type == "cuda" or _cpu_has_native_bf16() else "float32"
+    if choice == "float32":
+        return None
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _cpu_has_native_bf16() -> bool:
+    """bf16 matmuls are fast only with AVX512-BF16 or AMX; elsewhere they are emulated."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "AMX" in capability or "AVX512_BF16" in capability or _cpu_flag("avx512_bf16") or _cpu_flag("amx_bf16")
+
+
+def _cpu_flag(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(flag in line.split() for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[rank{rank}] %(asctime)s %(message)s" if rank else "%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+        force=True,
+    )
+
+
+def main(argv: list[str]) -> int:
+    """Train; returns the process exit code."""
+    import os
+
+    _setup_logging(int(os.environ.get("RANK", "0")))
+    try:
+        config, print_only = load_config(argv)
+    except ConfigError as e:
+        logger.error(f"config error: {e}")
+        return 2
+    if print_only:
+        print(config.to_toml())
+        return 0
+    try:
+        trainer = Trainer(config)
+        trainer.train()
+    except (ConfigError, ckpt.CheckpointError) as e:
+        logger.error(f"error: {e}")
+        return 2
+    except NonFiniteError as e:
+        logger.error(str(e))
+        return 3
+    return 0
+
+
+def run(argv: list[str]) -> None:
+    """Process entry point (run_train.sh): train, then leave without teardown aborts."""
+    code = 1
+    try:
+        code = main(argv)
+    finally:
+        shutdown(code)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])
