@@ -43,7 +43,7 @@ def test_interleaved_with_one_subset_equals_two_jacobi_passes():
     results, grads = [], []
     for mode in ("interleaved", "jacobi"):
         model = tiny_model(args.replace(lrt=args.lrt.__class__(**{**vars(args.lrt), "mode": mode})))
-        results.append(run_schedule(model, tokens, targets, backward=lambda loss: loss.backward()))
+        results.append(run_schedule(model, tokens, targets, backward=lambda loss, last: loss.backward()))
         grads.append({n: p.grad for n, p in model.named_parameters()})
     inter, jac = results
     torch.testing.assert_close(inter.loss, jac.loss, **TOL)
@@ -132,7 +132,7 @@ def test_gradients_reach_every_parameter(schedule):
     model = tiny_model(args)
     tokens = sample_tokens(args, batch=2, T=11, bos_every=5)
     targets = sample_tokens(args, batch=2, T=11, seed=9)
-    run_schedule(model, tokens, targets, backward=lambda loss: loss.backward())
+    run_schedule(model, tokens, targets, backward=lambda loss, last: loss.backward())
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
@@ -145,7 +145,9 @@ def test_per_pass_backward_with_detached_buffer_equals_one_backward(lrt):
     targets[0, 2] = IGNORE_INDEX
 
     micro = tiny_model(args)
-    micro_result = run_schedule(micro, tokens, targets, backward=lambda loss: loss.backward())
+    lasts = []
+    micro_result = run_schedule(micro, tokens, targets, backward=lambda loss, last: (loss.backward(), lasts.append(last)))
+    assert lasts == [False] * (len(lasts) - 1) + [True] and len(lasts) == len(micro_result.pass_losses)
     whole = tiny_model(args)
     whole_result = run_schedule(whole, tokens, targets)
     whole_result.loss.backward()
@@ -231,3 +233,17 @@ def test_model_builds_on_meta_device_and_initialises():
     model.init_weights(buffer_device=torch.device("cpu"))
     tokens = sample_tokens(args, batch=1, T=6)
     assert torch.isfinite(model(tokens).logits).all()
+
+
+def test_loss_denominators_replace_the_per_pass_means():
+    """A data-parallel trainer divides each pass's summed loss by a global count."""
+    args = tiny_args(lrt={"num_subsets": 2})
+    model = tiny_model(args)
+    tokens = sample_tokens(args, batch=2, T=10)
+    targets = sample_tokens(args, batch=2, T=10, seed=3)
+    with torch.no_grad():
+        plain = run_schedule(model, tokens, targets)
+        scaled = run_schedule(model, tokens, targets, loss_denominators=[40.0, 20.0, 20.0])
+    sums = [t.sum() for t in plain.pass_token_losses]
+    torch.testing.assert_close(scaled.loss, (sums[0] / 40 + sums[1] / 20 + sums[2] / 20) / 3, **TOL)
+    torch.testing.assert_close(plain.loss, (sums[0] / 20 + sums[1] / 10 + sums[2] / 10) / 3, **TOL)

@@ -93,6 +93,28 @@ class Training:
 
 
 @dataclass
+class Parallelism:
+    data_parallel_replicate_degree: int = 1
+    """HSDP: number of replicas of the sharded model (1: FSDP over all ranks); must
+    divide the number of ranks, each replica sharding over the rest."""
+
+    fsdp_reshard_after_forward: str = field(default="default", metadata={"choices": ("default", "always", "never")})
+    """Free a block's gathered parameters after each pass's forward ("default": all
+    blocks but the last; "never": keep them gathered across the S + 1 passes of a
+    step, trading memory for fewer all-gathers)."""
+
+    mixed_precision_reduce: str = field(default="float32", metadata={"choices": ("float32", "bfloat16")})
+    """Dtype of the gradient reduce-scatter (parameters compute in training.mixed_precision)."""
+
+    gradient_sync: str = field(default="last_micro_batch", metadata={"choices": ("last_micro_batch", "every_micro_batch")})
+    """When gradients are reduced across ranks during accumulation: once per step
+    (less communication, unsharded gradients held meanwhile) or after every micro-batch."""
+
+    process_group_timeout_seconds: int = 600
+    """Timeout of collectives (a hung rank fails the run after this long)."""
+
+
+@dataclass
 class Optimizer:
     name: str = field(default="adamw", metadata={"choices": ("adamw", "muon")})
     """adamw, or muon for the 2-D block matrices with AdamW for the rest."""
@@ -215,6 +237,7 @@ SECTIONS: dict[str, type] = {
     "model": Model,
     "lrt": LRTArgs,
     "training": Training,
+    "parallelism": Parallelism,
     "optimizer": Optimizer,
     "lr_scheduler": LRScheduler,
     "data": Data,
@@ -236,6 +259,7 @@ class Config:
     model: Model = field(default_factory=Model)
     lrt: LRTArgs = field(default_factory=LRTArgs)
     training: Training = field(default_factory=Training)
+    parallelism: Parallelism = field(default_factory=Parallelism)
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     data: Data = field(default_factory=Data)
@@ -350,6 +374,12 @@ def validate(config: Config) -> None:
         raise ConfigError(f"checkpoint.keep_latest_k={config.checkpoint.keep_latest_k} must be >= 0")
     if config.eval.interval < 0 or config.eval.steps < 1 or config.eval.exact_sequences < 0:
         raise ConfigError("eval.interval must be >= 0, eval.steps >= 1, eval.exact_sequences >= 0")
+    p = config.parallelism
+    if p.data_parallel_replicate_degree < 1 or p.process_group_timeout_seconds < 1:
+        raise ConfigError(
+            f"parallelism.data_parallel_replicate_degree={p.data_parallel_replicate_degree} and "
+            f"parallelism.process_group_timeout_seconds={p.process_group_timeout_seconds} must be >= 1"
+        )
     if config.data.num_workers not in (0, 1):
         raise ConfigError(f"data.num_workers={config.data.num_workers}: allowed 0 or 1")
     if config.data.num_streams < 1:

@@ -14,7 +14,6 @@ import logging
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,9 +28,10 @@ from titan_lrt.eval.bpb import evaluate_bpb
 from titan_lrt.metrics import MetricsLogger, device_peak_flops, format_step_line, memory_stats
 from titan_lrt.model.accounting import count_parameters, step_flops
 from titan_lrt.model.schedule import StepResult, run_schedule
-from titan_lrt.model.transformer import Transformer
+from titan_lrt.model.transformer import IGNORE_INDEX, Transformer
 from titan_lrt.optim import build_lr_schedulers, build_optimizers, clip_grad_norm_
 from titan_lrt.parallel.distributed import DistInfo, init_distributed, shutdown
+from titan_lrt.parallel.fsdp import apply_fsdp, build_dp_mesh
 
 logger = logging.getLogger("titan_lrt")
 
@@ -42,33 +42,21 @@ class NonFiniteError(RuntimeError):
     """The loss or gradient norm became NaN/inf."""
 
 
-@dataclass
-class TrainState:
-    """Progress of the run, checkpointed with the model (RNG states ride along)."""
-
-    step: int = 0
-    tokens_seen: int = 0
-    skipped_steps: int = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-
-
 class Trainer:
     def __init__(self, config: Config):
         self.config = config
         t = config.training
-        self.dist: DistInfo = init_distributed(t.device)
+        self.dist: DistInfo = init_distributed(t.device, config.parallelism.process_group_timeout_seconds)
         self.device = self.dist.device
         if self.device.type == "cpu":
             keep_freed_memory()
         _seed_everything(t.seed, t.deterministic)
         self.dump_folder = Path(config.job.dump_folder)
-        self.autocast = _autocast(t.mixed_precision, self.device)
+        self.compute_dtype = _compute_dtype(t.mixed_precision, self.device)
+        self.fsdp = self.dist.world_size > 1
+        # one process: autocast; FSDP: its mixed-precision policy casts the parameters
+        use_autocast = not self.fsdp and self.compute_dtype != torch.float32
+        self.autocast = torch.autocast(self.device.type, dtype=self.compute_dtype) if use_autocast else None
 
         self.tokenizer = self._prepare_tokenizer()
         self.model_args = config.model_args(self.tokenizer.vocab_size, self.tokenizer.bos_id)
@@ -89,23 +77,23 @@ class Trainer:
         self.batches = iter(self.train_loader)
         self.token_bytes = self.tokenizer.token_bytes().to(self.device)
 
-        self.state = TrainState()
+        self.state = ckpt.TrainState()
+        self.skipped_in_a_row = 0
         self.checkpointer = ckpt.CheckpointManager(
-            folder=self.dump_folder / config.checkpoint.folder,
-            states={
+            self.dump_folder / config.checkpoint.folder,
+            {
                 "model": ckpt.ModelWrapper(self.model),
-                "optimizer": ckpt.OptimizerWrapper(self.model, self.optimizers.optimizers),
+                "optimizer": self.optimizers,
                 "lr_scheduler": self.lr_schedulers,
+                "dataloader": ckpt.PerRankWrapper(self.train_loader, merge_loader_states),
                 "train_state": self.state,
             },
-            per_rank_states={"dataloader": (self.train_loader, merge_loader_states)},
-            enable=config.checkpoint.enable,
             interval=config.checkpoint.interval,
             keep_latest_k=config.checkpoint.keep_latest_k,
             async_mode=config.checkpoint.async_mode,
             load=config.checkpoint.load,
             initial_load_path=config.checkpoint.initial_load_path or None,
-            config_text=config.to_toml(),
+            run_config=config.to_toml(),
         )
         self.metrics = MetricsLogger(
             self.dump_folder / config.metrics.save_tb_folder if self.dist.is_main else None,
@@ -136,6 +124,10 @@ class Trainer:
     def _build_model(self) -> Transformer:
         with torch.device("meta"):
             model = Transformer(self.model_args)
+        if self.fsdp:
+            p = self.config.parallelism
+            mesh = build_dp_mesh(self.device.type, self.dist.world_size, p.data_parallel_replicate_degree)
+            apply_fsdp(model, mesh, self.compute_dtype, _DTYPES[p.mixed_precision_reduce], p.fsdp_reshard_after_forward)
         model.to_empty(device=self.device)
         torch.manual_seed(self.config.training.seed)
         model.init_weights(buffer_device=self.device)
@@ -190,7 +182,7 @@ class Trainer:
         logger.info(
             f"batch: {self.global_batch} sequences x {t.seq_len} tokens per step ({self.grad_accum} micro-batches "
             f"of {t.local_batch_size} on each of {self.dist.world_size} ranks); device {self.device}, "
-            f"autocast {self.autocast.fast_dtype if self.autocast is not None else 'off'}"
+            f"compute dtype {self.compute_dtype}" + (" (FSDP)" if self.fsdp else "")
         )
 
     # ---- the loop -----------------------------------------------------------------
@@ -212,25 +204,34 @@ class Trainer:
                 window_start, window_tokens = time.perf_counter(), 0
             if c.eval.interval and (step % c.eval.interval == 0 or step == c.training.steps):
                 self.evaluate()
-            self.checkpointer.save(step, force=step == c.training.steps)
+            if c.checkpoint.enable:
+                self.checkpointer.save(step, force=step == c.training.steps)
         self.checkpointer.close()
         self.metrics.close()
 
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches."""
         t = self.config.training
+        micro_batches = [tuple(x.to(self.device, non_blocking=True) for x in next(self.batches))
+                         for _ in range(self.grad_accum)]
+        counts = self._global_target_counts(micro_batches)
         results: list[StepResult] = []
-        for _ in range(self.grad_accum):
-            inputs, targets = (x.to(self.device, non_blocking=True) for x in next(self.batches))
+        for k, (inputs, targets) in enumerate(micro_batches):
+            last_micro_batch = k == len(micro_batches) - 1
+
+            def backward(loss: torch.Tensor, last_of_micro_batch: bool) -> None:
+                self._set_gradient_sync(last_micro_batch and last_of_micro_batch)
+                loss.backward()
+
             with self.autocast or contextlib.nullcontext():
-                result = run_schedule(self.model, inputs, targets, backward=self._backward)
+                result = run_schedule(self.model, inputs, targets, backward=backward, loss_denominators=counts)
             results.append(result)
-        loss = torch.stack([r.loss for r in results]).mean()
+        loss = _all_reduce_sum(torch.stack([r.loss.detach() for r in results]).sum())
         grad_norm = clip_grad_norm_(self.model.parameters(), t.max_norm)
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         if finite:
             self.optimizers.step()
-            self.state.skipped_steps = 0
+            self.skipped_in_a_row = 0
         else:
             self._handle_nonfinite(loss, grad_norm)
         self.lr_schedulers.step()
@@ -238,10 +239,24 @@ class Trainer:
         tokens = self.global_batch * t.seq_len
         self.state.step += 1
         self.state.tokens_seen += tokens
-        return {"results": results, "loss": loss, "grad_norm": grad_norm, "tokens": tokens}
+        return {"results": results, "loss": loss, "grad_norm": grad_norm, "tokens": tokens, "counts": counts}
 
-    def _backward(self, loss: torch.Tensor) -> None:
-        (loss / self.grad_accum).backward()
+    def _global_target_counts(self, micro_batches) -> list[float]:
+        """Scored targets of each pass over the whole global batch (all micro-batches, all ranks)."""
+        lrt = self.model_args.lrt
+        scored = torch.stack([(targets != IGNORE_INDEX) for _, targets in micro_batches]).sum(dim=(0, 1))  # (T,)
+        if lrt.mode == "interleaved":
+            S = lrt.num_subsets
+            per_pass = [scored.sum()] + [scored[i::S].sum() for i in range(S)]
+        else:
+            per_pass = [scored.sum()] * (lrt.jacobi_passes if lrt.mode == "jacobi" else 1)
+        counts = _all_reduce_sum(torch.stack(per_pass).double())
+        return [max(float(c), 1.0) for c in counts]
+
+    def _set_gradient_sync(self, sync: bool) -> None:
+        if self.fsdp:
+            every = self.config.parallelism.gradient_sync == "every_micro_batch"
+            self.model.set_requires_gradient_sync(sync or every)
 
     def _handle_nonfinite(self, loss, grad_norm) -> None:
         step = self.state.step + 1
@@ -252,20 +267,24 @@ class Trainer:
         )
         if self.config.training.nonfinite == "stop":
             raise NonFiniteError(message + " Stopping; the last checkpoint is intact.")
-        self.state.skipped_steps += 1
+        self.skipped_in_a_row += 1
         logger.warning(f"skipping the optimizer step: {message}")
-        if self.state.skipped_steps >= MAX_SKIPPED_STEPS:
+        if self.skipped_in_a_row >= MAX_SKIPPED_STEPS:
             raise NonFiniteError(f"{MAX_SKIPPED_STEPS} steps in a row were skipped; stopping. Last: {message}")
 
     # ---- logging and evaluation ----------------------------------------------------
 
     def _log_step(self, step: int, stats: dict, tokens_per_s: float) -> None:
         results: list[StepResult] = stats["results"]
+        counts = stats["counts"]
         scalars = {"loss/total": float(stats["loss"])}
         n_passes = len(results[0].pass_losses)
+        sums = [sum(r.pass_token_losses[i].double().sum() for r in results) for i in range(n_passes)]
+        sums.append(sum(r.token_loss.double().sum() for r in results))
+        sums = _all_reduce_sum(torch.stack(sums)).tolist()
         for i in range(n_passes):
-            scalars[f"loss/pass{i}"] = float(sum(r.pass_losses[i] for r in results) / len(results))
-        merged = float(sum(r.token_loss.mean() for r in results) / len(results))
+            scalars[f"loss/pass{i}"] = sums[i] / counts[i]
+        merged = sums[-1] / counts[0]
         scalars["loss/merged"] = merged
         if n_passes > 1:
             scalars["loss/merged_minus_pass0"] = merged - scalars["loss/pass0"]
@@ -277,7 +296,9 @@ class Trainer:
         scalars["throughput/tflops_per_device"] = achieved / 1e12
         if self.peak_flops:
             scalars["throughput/mfu_pct"] = 100 * achieved / self.peak_flops
-        scalars["optim/lr"] = self.lr_schedulers.last_lr()
+        lrs = self.lr_schedulers.last_lr()
+        scalars["optim/lr"] = lrs.get("matrix", max(lrs.values()))
+        scalars.update({f"optim/lr_{name}": lr for name, lr in lrs.items()})
         scalars["optim/grad_norm"] = float(stats["grad_norm"])
         scalars["data/waste_fraction"] = self.train_loader.stats()["waste_fraction"]
         scalars.update(memory_stats(self.device))
@@ -292,6 +313,7 @@ class Trainer:
             result = evaluate_bpb(self.model, batches, self.token_bytes, e.exact_sequences, self.autocast)
         finally:
             self.model.train()
+        result.all_reduce()
         scalars = result.scalars()
         line = "eval   " + " | ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in scalars.items())
         self.metrics.log(self.state.step, scalars, line if self.dist.is_main else None)
@@ -325,13 +347,20 @@ def _optimizer_kwargs(config: Config) -> dict:
     return vars(config.optimizer)
 
 
-def _autocast(choice: str, device: torch.device):
-    """The autocast context for training, or None for float32."""
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _compute_dtype(choice: str, device: torch.device) -> torch.dtype:
     if choice == "auto":
         choice = "bfloat16" if device.type == "cuda" or _cpu_has_native_bf16() else "float32"
-    if choice == "float32":
-        return None
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return _DTYPES[choice]
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized():
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+    return t
 
 
 def _cpu_has_native_bf16() -> bool:
@@ -387,7 +416,7 @@ def main(argv: list[str]) -> int:
     try:
         trainer = Trainer(config)
         trainer.train()
-    except (ConfigError, ckpt.CheckpointError) as e:
+    except (ValueError, FileNotFoundError) as e:  # bad config, data path or checkpoint
         logger.error(f"error: {e}")
         return 2
     except NonFiniteError as e:

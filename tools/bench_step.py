@@ -97,7 +97,7 @@ def main() -> None:
     def step(model):
         model.zero_grad(set_to_none=True)
         with autocast:
-            run_schedule(model, tokens, targets, backward=lambda loss: loss.backward())
+            run_schedule(model, tokens, targets, backward=lambda loss, last: loss.backward())
 
     def sync():
         if device.type == "cuda":

@@ -45,6 +45,17 @@ class EvalResult:
     exact: BitsPerByte = field(default_factory=BitsPerByte)
     merged_on_exact_sample: BitsPerByte = field(default_factory=BitsPerByte)
 
+    def all_reduce(self) -> None:
+        """Sum the counts of all data-parallel ranks (each scored its own shard)."""
+        if not torch.distributed.is_initialized():
+            return
+        parts = [self.merged, *self.passes, self.exact, self.merged_on_exact_sample]
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        totals = torch.tensor([[p.nats, float(p.bytes)] for p in parts], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(totals)
+        for p, (nats, nbytes) in zip(parts, totals.tolist()):
+            p.nats, p.bytes = nats, int(nbytes)
+
     def scalars(self) -> dict[str, float]:
         out = {"val/bpb_merged": self.merged.value}
         for i, p in enumerate(self.passes):

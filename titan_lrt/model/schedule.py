@@ -10,7 +10,7 @@ each pass's activations before the next pass starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -19,7 +19,8 @@ from titan_lrt.model.buffer import SharedBuffer, interleave_groups
 from titan_lrt.model.memory import apply_reset, memory_keep_mask, shift_right
 from titan_lrt.model.transformer import IGNORE_INDEX, PassOutput, Transformer
 
-Backward = Callable[[Tensor], None]
+Backward = Callable[[Tensor, bool], None]
+"""backward(loss, last): run the backward of loss; `last` marks the final one of the step."""
 
 
 @dataclass
@@ -59,30 +60,33 @@ def run_schedule(
     targets: Optional[Tensor] = None,
     backward: Optional[Backward] = None,
     return_kv: bool = False,
+    loss_denominators: Optional[Sequence[float]] = None,
 ) -> StepResult:
-    """Run the schedule chosen by `model.args.lrt.mode` on a (B, T) batch."""
+    """Run the schedule chosen by `model.args.lrt.mode` on a (B, T) batch.
+
+    Each pass's loss is the sum of its per-position losses divided by its
+    entry of `loss_denominators` (default: the number of scored targets it
+    computed here, i.e. the mean); a data-parallel trainer passes global counts.
+    """
     mode = model.args.lrt.mode
-    if mode == "interleaved":
-        return interleaved(model, tokens, targets, backward, return_kv)
-    if mode == "jacobi":
-        return jacobi(model, tokens, targets, backward, return_kv)
-    return baseline(model, tokens, targets, backward, return_kv)
+    schedule = {"interleaved": interleaved, "jacobi": jacobi}.get(mode, baseline)
+    return schedule(model, tokens, targets, backward, return_kv, loss_denominators)
 
 
-def baseline(model, tokens, targets=None, backward=None, return_kv=False) -> StepResult:
+def baseline(model, tokens, targets=None, backward=None, return_kv=False, loss_denominators=None) -> StepResult:
     """One full pass (LRT off, or zero memory)."""
-    run = _Losses(targets, backward, detach=False, weights=[1.0])
+    run = _Losses(targets, backward, detach=False, weights=[1.0], denominators=loss_denominators)
     out = model(tokens, targets)
     run.add(out, targets)
     run.finish()
     return run.result([out], [_all_positions(tokens)], merged=out, kv=_kv(out) if return_kv else [])
 
 
-def jacobi(model, tokens, targets=None, backward=None, return_kv=False) -> StepResult:
+def jacobi(model, tokens, targets=None, backward=None, return_kv=False, loss_denominators=None) -> StepResult:
     """K full passes; pass k reads the memory shift_right(s^{k-1}), pass 0 zero memory."""
     lrt = model.args.lrt
     K = lrt.jacobi_passes
-    run = _Losses(targets, backward, lrt.detach_buffer, lrt.jacobi_weights or [1.0] * K)
+    run = _Losses(targets, backward, lrt.detach_buffer, lrt.jacobi_weights or [1.0] * K, loss_denominators)
     positions = _all_positions(tokens)
     keep = memory_keep_mask(tokens, positions, model.args.bos_token_id, lrt.reset_at_bos)
     memory, outs = None, []
@@ -96,11 +100,11 @@ def jacobi(model, tokens, targets=None, backward=None, return_kv=False) -> StepR
     return run.result(outs, [positions] * K, merged=outs[-1], kv=_kv(outs[-1]) if return_kv else [])
 
 
-def interleaved(model, tokens, targets=None, backward=None, return_kv=False) -> StepResult:
+def interleaved(model, tokens, targets=None, backward=None, return_kv=False, loss_denominators=None) -> StepResult:
     """Pass 0 over all positions builds the shared buffer; then S subset passes refine it."""
     lrt = model.args.lrt
     S = lrt.num_subsets
-    run = _Losses(targets, backward, lrt.detach_buffer, [lrt.pass0_weight] + [1.0] * S)
+    run = _Losses(targets, backward, lrt.detach_buffer, [lrt.pass0_weight] + [1.0] * S, loss_denominators)
 
     # Pass 0: all T positions, zero memory; its K/V and source states fill the buffer.
     out0 = model(tokens, targets)
@@ -158,27 +162,33 @@ def _kv(out: PassOutput) -> list[tuple[Tensor, Tensor]]:
 class _Losses:
     """Collects the passes' losses, weights them, and runs the backward(s)."""
 
-    def __init__(self, targets, backward: Optional[Backward], detach: bool, weights: list[float]):
+    def __init__(self, targets, backward: Optional[Backward], detach: bool, weights: list[float], denominators=None):
         self.scored = targets is not None
         self.backward = backward if self.scored else None
         self.per_pass = backward is not None and detach
         self.weights = [w / sum(weights) for w in weights]
+        self.denominators = denominators
         self.losses: list[Tensor] = []
         self.total: Optional[Tensor] = None
 
     def add(self, out: PassOutput, targets: Optional[Tensor]) -> None:
         if not self.scored:
             return
-        loss = self.weights[len(self.losses)] * mean_loss(out.token_loss, targets)
+        i = len(self.losses)
+        if self.denominators is None:
+            loss = mean_loss(out.token_loss, targets)
+        else:
+            loss = out.token_loss.sum() / self.denominators[i]
+        loss = self.weights[i] * loss
         self.losses.append(mean_loss(out.token_loss.detach(), targets))
         if self.per_pass:  # micro-step: this pass's graph is freed right here
-            self.backward(loss)
+            self.backward(loss, i == len(self.weights) - 1)
             loss = loss.detach()
         self.total = loss if self.total is None else self.total + loss
 
     def finish(self) -> None:
         if self.backward is not None and not self.per_pass:
-            self.backward(self.total)
+            self.backward(self.total, True)
 
     def result(self, outs: list[PassOutput], positions: list[Tensor], merged: PassOutput, kv) -> StepResult:
         return StepResult(

@@ -1,0 +1,71 @@
+"""Data parallelism with FSDP2 (`fully_shard`) and HSDP on a DeviceMesh.
+
+Units: every block, the token embedding, the feedback projection, the LM head
+(the head group: the final norm has no weights) and the root. Each pass of
+every schedule calls the root and the blocks through their `__call__`, so FSDP
+gathers a unit's parameters for each pass and reduces its gradients once, after
+the last backward of the step.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from titan_lrt.model.transformer import Transformer
+
+RESHARD_POLICIES = ("default", "always", "never")
+
+# Blocks return views (transposed keys, unbound gates) that the schedules only read;
+# FSDP2 warns about in-place ops on such views, which never happen here.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
+
+
+def build_dp_mesh(device_type: str, world_size: int, replicate: int) -> DeviceMesh:
+    """A (replicate, shard) mesh: HSDP when replicate > 1, plain FSDP otherwise."""
+    if replicate < 1 or world_size % replicate:
+        raise ValueError(
+            f"parallelism.data_parallel_replicate_degree={replicate} must be >= 1 and divide the "
+            f"world size {world_size}"
+        )
+    return init_device_mesh(
+        device_type, (replicate, world_size // replicate), mesh_dim_names=("dp_replicate", "dp_shard")
+    )
+
+
+def apply_fsdp(
+    model: Transformer,
+    mesh: DeviceMesh,
+    param_dtype: torch.dtype,
+    reduce_dtype: torch.dtype,
+    reshard_after_forward: str = "default",
+) -> None:
+    """Shard the model in place (works on the meta device, before initialisation).
+
+    reshard_after_forward: "default" frees every block's gathered parameters after
+    each pass's forward except the last block's (used first by the backward);
+    "never" keeps them gathered across all passes of a step (no re-gather for
+    the S + 1 passes, the whole model's parameters resident); "always" frees
+    all of them, the last block's too.
+    """
+    if reshard_after_forward not in RESHARD_POLICIES:
+        raise ValueError(
+            f"parallelism.fsdp_reshard_after_forward={reshard_after_forward!r}: allowed {RESHARD_POLICIES}"
+        )
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    dp_mesh = mesh if mesh.mesh_dim_names is None else mesh[("dp_replicate", "dp_shard")]
+    n = len(model.layers)
+    for i, block in enumerate(model.layers):
+        reshard = {"always": True, "never": False}.get(reshard_after_forward, i < n - 1)
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
+    for unit in (model.tok_embeddings, model.feedback, model.lm_head):
+        if unit is not None:
+            fully_shard(unit, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward == "always")
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=False)
+    # Losses are normalised by the global number of target tokens, so gradients are summed.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
