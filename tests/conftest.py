@@ -1,1 +1,48 @@
-import sys, os; sys.path.insert(0, os.path.dirname(__file__))
+"""Shared test helpers: a small corpus and tokenizer, tiny trainer arguments, TensorBoard reading."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from titan_lrt.data.corpus import ensure_stdlib_corpus  # noqa: E402
+from titan_lrt.data.tokenizer import ensure_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """A small slice of the embedded corpus and a 512-token BPE trained on it."""
+    folder = tmp_path_factory.mktemp("data")
+    corpus = ensure_stdlib_corpus(folder / "corpus", max_files=120, show_progress=False)
+    tokenizer = ensure_tokenizer(folder / "tokenizer.json", corpus, 512, show_progress=False)
+    return corpus, tokenizer
+
+
+def tiny_args(small_data, dump: Path, *extra: str) -> list[str]:
+    corpus, tokenizer = small_data
+    return [
+        f"--job.dump_folder={dump}",
+        f"--data.dataset={corpus}",
+        f"--model.tokenizer_path={tokenizer}",
+        "--model.n_layers=2", "--model.dim=64", "--model.n_heads=2",
+        "--lrt.mode=interleaved", "--lrt.num_subsets=2",
+        "--training.seq_len=64", "--training.local_batch_size=4", "--training.mixed_precision=float32",
+        "--data.num_streams=4", "--data.num_workers=0",
+        "--optimizer.lr=0.01", "--lr_scheduler.warmup_steps=2", "--lr_scheduler.decay_ratio=0",
+        "--metrics.log_freq=1", "--eval.interval=0", "--checkpoint.interval=1000",
+        *extra,
+    ]
+
+
+def scalars(tb_folder: Path, tag: str) -> dict[int, float]:
+    """Read a scalar series with TensorBoard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_folder))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+

@@ -11,46 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import scalars, tiny_args
 from titan_lrt.config import load_config
-from titan_lrt.data.corpus import ensure_stdlib_corpus
-from titan_lrt.data.tokenizer import ensure_tokenizer
 from titan_lrt.train import Trainer, main
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def small_data(tmp_path_factory):
-    """A small slice of the embedded corpus and a 512-token BPE trained on it."""
-    folder = tmp_path_factory.mktemp("data")
-    corpus = ensure_stdlib_corpus(folder / "corpus", max_files=120, show_progress=False)
-    tokenizer = ensure_tokenizer(folder / "tokenizer.json", corpus, 512, show_progress=False)
-    return corpus, tokenizer
-
-
-def tiny_args(small_data, dump: Path, *extra: str) -> list[str]:
-    corpus, tokenizer = small_data
-    return [
-        f"--job.dump_folder={dump}",
-        f"--data.dataset={corpus}",
-        f"--model.tokenizer_path={tokenizer}",
-        "--model.n_layers=2", "--model.dim=64", "--model.n_heads=2",
-        "--lrt.mode=interleaved", "--lrt.num_subsets=2",
-        "--training.seq_len=64", "--training.local_batch_size=4", "--training.mixed_precision=float32",
-        "--data.num_streams=4", "--data.num_workers=0",
-        "--optimizer.lr=0.01", "--lr_scheduler.warmup_steps=2", "--lr_scheduler.decay_ratio=0",
-        "--metrics.log_freq=1", "--eval.interval=0", "--checkpoint.interval=1000",
-        *extra,
-    ]
-
-
-def scalars(tb_folder: Path, tag: str) -> dict[int, float]:
-    """Read a scalar series with TensorBoard's own event reader."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb_folder))
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
 
 
 def test_short_run_loss_falls_and_logs_to_tensorboard(small_data, tmp_path):

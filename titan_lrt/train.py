@@ -14,9 +14,11 @@ import logging
 import random
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from titan_lrt import checkpoint as ckpt
 from titan_lrt.config import Config, ConfigError, load_config
@@ -129,8 +131,17 @@ class Trainer:
             mesh = build_dp_mesh(self.device.type, self.dist.world_size, p.data_parallel_replicate_degree)
             apply_fsdp(model, mesh, self.compute_dtype, _DTYPES[p.mixed_precision_reduce], p.fsdp_reshard_after_forward)
         model.to_empty(device=self.device)
-        torch.manual_seed(self.config.training.seed)
-        model.init_weights(buffer_device=self.device)
+        # Initialise a full copy on the CPU of rank 0 and load it (sharding it out under
+        # FSDP): the same initial weights for every world size and device.
+        full = {}
+        if self.dist.is_main:
+            reference = Transformer(self.model_args)
+            torch.manual_seed(self.config.training.seed)
+            reference.init_weights()
+            full = reference.state_dict()
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.fsdp)
+        set_model_state_dict(model, full, options=options)
+        model.init_buffers(self.device)
         return model
 
     def _data_source(self) -> str:
@@ -430,6 +441,8 @@ def run(argv: list[str]) -> None:
     code = 1
     try:
         code = main(argv)
+    except BaseException:  # noqa: BLE001 - reported here: shutdown() exits without unwinding
+        traceback.print_exc()
     finally:
         shutdown(code)
 

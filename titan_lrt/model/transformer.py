@@ -93,10 +93,15 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     @torch.no_grad()
+    def init_buffers(self, device: Optional[torch.device] = None) -> None:
+        """Compute the RoPE tables (not saved in checkpoints)."""
+        device = device or self.rope_cos.device
+        self.rope_cos, self.rope_sin = rope_tables(self.args.max_seq_len, self.args.head_dim, self.args.rope_base, device)
+
+    @torch.no_grad()
     def init_weights(self, buffer_device: Optional[torch.device] = None) -> None:
         """Initialise every parameter and buffer (also after building on the meta device)."""
-        device = buffer_device or self.rope_cos.device
-        self.rope_cos, self.rope_sin = rope_tables(self.args.max_seq_len, self.args.head_dim, self.args.rope_base, device)
+        self.init_buffers(buffer_device)
         nn.init.normal_(self.tok_embeddings.weight, std=1.0)
         nn.init.normal_(self.lm_head.weight, std=self.args.head_init_std)
         for layer in self.layers:

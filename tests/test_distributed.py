@@ -1,0 +1,164 @@
+"""Data parallelism with real processes (gloo, CPU): FSDP2 against one process,
+gradient accumulation, kill -9 and resume, resharding 2 -> 1 and 1 -> 2, two
+launchers (multi-node), all through run_train.sh as a user runs it."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from conftest import scalars, tiny_args
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 8
+
+
+def torchrun(nproc: int, args: list[str], extra_torchrun: tuple[str, ...] = (), **kw):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               *extra_torchrun, str(ROOT / "run_train.sh"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, **kw)
+
+
+def dp_args(small_data, dump, nproc, *extra):
+    """8 sequences per step however many ranks share them."""
+    return tiny_args(small_data, dump, f"--training.steps={STEPS}", "--training.global_batch_size=8",
+                     f"--training.local_batch_size={8 // nproc}", "--checkpoint.interval=4", *extra)
+
+
+def final_params(dump: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
+    out = dump / f"params-{step}.pt"
+    dcp_to_torch_save(dump / "checkpoints" / f"step-{step:08d}", out)
+    state = torch.load(out, weights_only=False)
+    return {k: v for k, v in state.items() if k.startswith("model.")}
+
+
+def assert_same_run(a: Path, b: Path, steps=range(1, STEPS + 1), tol=1e-5, params=True):
+    la, lb = scalars(a / "tb", "loss/total"), scalars(b / "tb", "loss/total")
+    for step in steps:
+        assert lb[step] == pytest.approx(la[step], rel=tol, abs=tol), (step, la[step], lb[step])
+    if params:
+        pa, pb = final_params(a), final_params(b)
+        assert pa.keys() == pb.keys()
+        for k in pa:
+            torch.testing.assert_close(pb[k], pa[k], rtol=tol, atol=tol, msg=k)
+
+
+@pytest.fixture(scope="module")
+def runs(small_data, tmp_path_factory):
+    """Runs shared by several tests, made once: {name: dump folder}."""
+    root = tmp_path_factory.mktemp("dp")
+    made = {}
+
+    def get(name, nproc, *extra):
+        if name not in made:
+            dump = root / name
+            out = torchrun(nproc, dp_args(small_data, dump, nproc, *extra))
+            assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+            made[name] = dump
+        return made[name]
+
+    return get
+
+
+@pytest.mark.parametrize("schedule", [
+    ("--lrt.mode=off",),
+    ("--lrt.mode=interleaved",),
+    ("--lrt.mode=interleaved", "--lrt.detach_buffer=true", "--lrt.kv_refresh=true"),
+], ids=["baseline", "lrt_s2", "lrt_s2_detached"])
+def test_two_rank_fsdp_matches_one_process(runs, schedule):
+    name = "_".join(a.split("=")[-1] for a in schedule)
+    one = runs(f"one_{name}", 1, *schedule)
+    two = runs(f"two_{name}", 2, *schedule)
+    assert_same_run(one, two)
+
+
+def test_bf16_mixed_precision_stays_close(runs):
+    """bf16 parameters in compute, fp32 reduction: within 2% of fp32 over 8 steps."""
+    fp32 = runs("one_interleaved", 1, "--lrt.mode=interleaved")
+    bf16 = runs("two_bf16", 2, "--lrt.mode=interleaved", "--training.mixed_precision=bfloat16")
+    assert_same_run(fp32, bf16, tol=2e-2, params=False)
+
+
+def test_gradient_sync_every_micro_batch_gives_the_same_update(runs):
+    accumulate = runs("two_accum_last", 2, "--lrt.mode=interleaved", "--training.local_batch_size=2")
+    every = runs("two_accum_every", 2, "--lrt.mode=interleaved", "--training.local_batch_size=2",
+                 "--parallelism.gradient_sync=every_micro_batch")
+    one = runs("one_interleaved", 1, "--lrt.mode=interleaved")
+    assert_same_run(accumulate, every)
+    assert_same_run(one, accumulate)
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size_continues_the_same_run(runs, small_data, tmp_path, before, after):
+    """Model, optimizer and data position reshard: steps 5..8 equal the uninterrupted run."""
+    reference = runs("one_interleaved", 1, "--lrt.mode=interleaved")
+    source = runs("two_interleaved", 2, "--lrt.mode=interleaved") if before == 2 else reference
+    dump = tmp_path / "resharded"
+    (dump / "checkpoints").mkdir(parents=True)
+    shutil.copytree(source / "checkpoints" / "step-00000004", dump / "checkpoints" / "step-00000004")
+    out = torchrun(after, dp_args(small_data, dump, after, "--lrt.mode=interleaved"))
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "resumed from step 4" in out.stdout
+    assert_same_run(reference, dump, steps=range(5, STEPS + 1))
+
+
+def test_kill_minus_nine_of_two_ranks_then_resume(runs, small_data, tmp_path):
+    reference = runs("two_interleaved", 2, "--lrt.mode=interleaved")
+    dump = tmp_path / "killed"
+    args = dp_args(small_data, dump, 2, "--lrt.mode=interleaved", "--checkpoint.interval=2")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "run_train.sh"), *args]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    deadline = time.time() + 300
+    while not (dump / "checkpoints" / "step-00000004" / "complete.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint at step 4"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+    proc.wait()
+    out = torchrun(2, args)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    start = int(out.stdout.split("resumed from step ")[1].split()[0])
+    assert start >= 4
+    assert_same_run(reference, dump, steps=range(start + 1, STEPS + 1))
+
+
+def test_two_launchers_as_two_nodes(runs, small_data, tmp_path):
+    """`torchrun --nnodes 2 --node_rank {0,1} --rdzv_backend c10d` on one machine."""
+    reference = runs("two_interleaved", 2, "--lrt.mode=interleaved")
+    dump = tmp_path / "multinode"
+    with socket_port() as port:
+        args = dp_args(small_data, dump, 2, "--lrt.mode=interleaved")
+        nodes = []
+        for node_rank in (0, 1):
+            command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                       f"--node_rank={node_rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                       "--rdzv_id=titan-lrt-test", str(ROOT / "run_train.sh"), *args]
+            nodes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                          env={**os.environ, "OMP_NUM_THREADS": "1"}))
+        outputs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert (dump / "checkpoints" / f"step-{STEPS:08d}" / "complete.json").is_file()
+    assert_same_run(reference, dump)
+
+
+class socket_port:
+    """A free TCP port on the loopback interface."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def __exit__(self, *exc):
+        return False
