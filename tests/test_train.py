@@ -24,6 +24,7 @@ def test_short_run_loss_falls_and_logs_to_tensorboard(small_data, tmp_path):
                                       "--eval.exact_sequences=1", "--training.global_batch_size=8"))
     trainer = Trainer(config)
     assert trainer.grad_accum == 2
+    trainer.resume()
     trainer.train()
     losses = scalars(tmp_path / "tb", "loss/total")
     assert sorted(losses) == list(range(1, 41))
@@ -69,6 +70,30 @@ def test_kill_minus_nine_then_rerun_resumes_the_exact_loss_curve(small_data, tmp
     got = scalars(dump / "tb", "loss/total")
     for step in range(start + 1, 25):
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_finishes_the_step_saves_and_exits_cleanly(small_data, tmp_path, sig):
+    args = tiny_args(small_data, tmp_path, "--training.steps=100000", "--checkpoint.interval=100000")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_train.sh"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "tb").exists() or not scalars_or_empty(tmp_path / "tb"):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    assert f"{sig.name} on some rank: saving step" in output
+    step = int(output.split("saving step ")[1].split()[0])
+    assert (tmp_path / "checkpoints" / f"step-{step:08d}" / "complete.json").is_file()
+
+
+def scalars_or_empty(tb_folder):
+    try:
+        return scalars(tb_folder, "loss/total")
+    except KeyError:
+        return {}
 
 
 def test_bad_config_fails_fast_with_exit_code_2(small_data, tmp_path, capsys):

@@ -34,6 +34,7 @@ from titan_lrt.model.transformer import IGNORE_INDEX, Transformer
 from titan_lrt.optim import build_lr_schedulers, build_optimizers, clip_grad_norm_
 from titan_lrt.parallel.distributed import DistInfo, init_distributed, shutdown
 from titan_lrt.parallel.fsdp import apply_fsdp, build_dp_mesh
+from titan_lrt.preemption import StopRequest
 
 logger = logging.getLogger("titan_lrt")
 
@@ -198,12 +199,16 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------
 
-    def train(self) -> None:
-        c = self.config
+    def resume(self) -> None:
+        """Load the checkpoint the config asks for (the newest one by default), if any."""
         resumed = self.checkpointer.load()
         if resumed is not None:
             self.batches = iter(self.train_loader)
             logger.info(f"resumed from step {resumed}")
+
+    def train(self) -> None:
+        c = self.config
+        stop = StopRequest()
         window_start, window_tokens = time.perf_counter(), 0
         while self.state.step < c.training.steps:
             stats = self.train_step()
@@ -215,6 +220,11 @@ class Trainer:
                 window_start, window_tokens = time.perf_counter(), 0
             if c.eval.interval and (step % c.eval.interval == 0 or step == c.training.steps):
                 self.evaluate()
+            if stop.requested(self.device):
+                logger.info(f"{stop.signal_name or 'stop signal'} on some rank: saving step {step} and exiting")
+                if c.checkpoint.enable:
+                    self.checkpointer.save(step, force=True)
+                break
             if c.checkpoint.enable:
                 self.checkpointer.save(step, force=step == c.training.steps)
         self.checkpointer.close()
@@ -426,10 +436,12 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         trainer = Trainer(config)
-        trainer.train()
+        trainer.resume()
     except (ValueError, FileNotFoundError) as e:  # bad config, data path or checkpoint
         logger.error(f"error: {e}")
         return 2
+    try:
+        trainer.train()
     except NonFiniteError as e:
         logger.error(str(e))
         return 3
