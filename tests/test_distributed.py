@@ -80,6 +80,16 @@ def test_two_rank_fsdp_matches_one_process(runs, schedule):
     assert_same_run(one, two)
 
 
+@pytest.mark.parametrize("variant", [
+    ("--parallelism.data_parallel_replicate_degree=2",),
+    ("--parallelism.fsdp_reshard_after_forward=never", "--checkpoint.async_mode=async"),
+], ids=["hsdp", "never_reshard_async_save"])
+def test_hsdp_and_reshard_policies_match_one_process(runs, variant):
+    one = runs("one_interleaved", 1, "--lrt.mode=interleaved")
+    two = runs("two_" + variant[0].split(".")[-1], 2, "--lrt.mode=interleaved", *variant)
+    assert_same_run(one, two)
+
+
 def test_bf16_mixed_precision_stays_close(runs):
     """bf16 parameters in compute, fp32 reduction: within 2% of fp32 over 8 steps."""
     fp32 = runs("one_interleaved", 1, "--lrt.mode=interleaved")

@@ -195,8 +195,10 @@ class Checkpoint:
     keep_latest_k: int = 3
     """Keep only the newest k checkpoints (0: keep all)."""
 
-    async_mode: str = field(default="disabled", metadata={"choices": ("disabled", "async")})
-    """Save in a background thread while training continues."""
+    async_mode: str = field(default="disabled", metadata={"choices": ("disabled", "async", "async_process")})
+    """Save while training continues: "async" from a background thread, "async_process"
+    from a writer process per rank (less interference with training; starting it costs
+    a few seconds once)."""
 
     load: str = "latest"
     """"latest" (resume when a checkpoint exists), "none", or the path of a step folder."""
