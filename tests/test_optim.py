@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 import torch.nn as nn
 
@@ -259,8 +260,9 @@ def roundtrip(state):
     return torch.load(buffer, weights_only=False)
 
 
+@pytest.mark.parametrize("via", ["torch_save", "dcp"])
 @pytest.mark.parametrize("name", ["adamw", "muon"])
-def test_resume_continues_bit_exactly(name):
+def test_resume_continues_bit_exactly(name, via, tmp_path):
     variant = VARIANTS["lrt_layerwise"]
     settings = dict(name=name, lr=0.01, weight_decay=0.1, embedding_lr_mult=5)
     schedule = dict(steps=8, warmup_steps=2, decay_ratio=0.5, decay_type="cosine", min_lr_factor=0.1)
@@ -275,11 +277,15 @@ def test_resume_continues_bit_exactly(name):
 
     model_a, opt_a, sched_a = fresh(0)
     train(model_a, opt_a, sched_a, 3)
-    saved = roundtrip({"model": model_a.state_dict(), "optim": opt_a.state_dict(), "sched": sched_a.state_dict()})
     model_b, opt_b, sched_b = fresh(1)  # different init: everything must come from the checkpoint
-    model_b.load_state_dict(saved["model"])
-    opt_b.load_state_dict(saved["optim"])
-    sched_b.load_state_dict(saved["sched"])
+    if via == "dcp":  # the containers are DCP Stateful objects
+        dcp.save({"model": model_a, "optim": opt_a, "sched": sched_a}, checkpoint_id=tmp_path)
+        dcp.load({"model": model_b, "optim": opt_b, "sched": sched_b}, checkpoint_id=tmp_path)
+    else:
+        saved = roundtrip({"model": model_a.state_dict(), "optim": opt_a.state_dict(), "sched": sched_a.state_dict()})
+        model_b.load_state_dict(saved["model"])
+        opt_b.load_state_dict(saved["optim"])
+        sched_b.load_state_dict(saved["sched"])
     train(model_b, opt_b, sched_b, 5, first_batch=3)
 
     for (n, p), (_, q) in zip(model.named_parameters(), model_b.named_parameters()):

@@ -129,6 +129,9 @@ class OptimizersContainer:
             opt.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
+        """Before the first step torch creates the state with a zero-LR step (AdamW's
+        step count becomes 1), so saving at step 0 changes the run that follows;
+        resuming from that save still matches it exactly."""
         return get_optimizer_state_dict(self.model, self.optimizers, options=self._options)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
