@@ -324,6 +324,18 @@ def test_clip_grad_norm_returns_the_total_norm_and_clips():
         clip_grad_norm_(params, -1)
 
 
+def test_optim_imports_no_trainer_side_module():
+    import ast
+
+    import titan_lrt.optim
+
+    forbidden = ("titan_lrt.train", "titan_lrt.data", "titan_lrt.config")
+    for node in ast.walk(ast.parse(open(titan_lrt.optim.__file__).read())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        assert not [n for n in names if n.startswith(forbidden)], names
+
+
 # ---- FSDP2 (2 gloo processes) ----------------------------------------------------------
 
 
