@@ -119,8 +119,21 @@ class Optimizer:
     name: str = field(default="adamw", metadata={"choices": ("adamw", "muon")})
     """adamw, or muon for the 2-D block matrices with AdamW for the rest."""
 
-    lr: float = 3e-3
-    """Peak learning rate (AdamW groups)."""
+    lr: float = 1e-2
+    """Peak AdamW learning rate of the matrices; the other groups get lr x their multiplier."""
+
+    embedding_lr_mult: float = 30.0
+    """LR multiplier of the token and value embeddings (RMS-normed, init std 1: they need
+    a large LR to move)."""
+
+    head_lr_mult: float = 4.0
+    """LR multiplier of the LM head."""
+
+    scalar_lr_mult: float = 0.2
+    """LR multiplier of the per-layer scalars (residual scales, x0 scales, gammas)."""
+
+    dim_lr_scaling: bool = False
+    """Scale every AdamW group by (dim / 768)^-0.5, as nanochat does."""
 
     beta1: float = 0.9
     """AdamW beta1."""
@@ -134,11 +147,23 @@ class Optimizer:
     weight_decay: float = 0.0
     """Decoupled weight decay of the matrices (never on embeddings, head or scalars)."""
 
+    implementation: str = field(default="fused", metadata={"choices": ("fused", "foreach", "for-loop")})
+    """AdamW kernel implementation."""
+
     muon_lr: float = 0.02
     """Muon learning rate of the 2-D block matrices (name = "muon")."""
 
     muon_momentum: float = 0.95
     """Muon momentum."""
+
+    muon_nesterov: bool = True
+    """Nesterov momentum in Muon."""
+
+    muon_ns_steps: int = 5
+    """Newton-Schulz iterations of Muon's orthogonalisation."""
+
+    muon_adjust_lr: str = field(default="original", metadata={"choices": ("original", "match_rms_adamw")})
+    """How Muon scales its update by the matrix shape."""
 
 
 @dataclass
