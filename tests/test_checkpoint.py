@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,13 +23,13 @@ from titan_lrt.checkpoint import (
     MARKER,
     CheckpointManager,
     ModelWrapper,
-    OptimizerWrapper,
     PerRankWrapper,
     TrainState,
 )
 from titan_lrt.data.loader import merge_loader_states
 from titan_lrt.model.args import LRTArgs, ModelArgs
 from titan_lrt.model.transformer import Transformer
+from titan_lrt.optim import OptimizersContainer
 
 ARGS = ModelArgs()  # the debug shape: 2 layers, dim 64
 NUM_STREAMS = 4
@@ -69,7 +68,7 @@ class Run:
     def states(self) -> dict:
         return {
             "model": ModelWrapper(self.model),
-            "optimizer": OptimizerWrapper(self.model, self.optimizer),
+            "optimizer": OptimizersContainer(self.model, [self.optimizer]),
             "lr_scheduler": self.scheduler,
             "dataloader": PerRankWrapper(self.loader, merge_loader_states),
             "train_state": self.train_state,

@@ -52,9 +52,7 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_optimizer_state_dict,
     set_model_state_dict,
-    set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.checkpoint.stateful import Stateful
@@ -96,22 +94,6 @@ class ModelWrapper:
         options = StateDictOptions(strict=len(self.model_parts) == 1)
         for part in self.model_parts:
             set_model_state_dict(part, state_dict, options=options)
-
-
-class OptimizerWrapper:
-    """One or more optimizers of one model (e.g. AdamW + Muon), keyed by parameter name
-    (flattened), so that the state survives resharding and regrouping of parameters."""
-
-    def __init__(self, model: nn.Module, optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer]):
-        self.model = model
-        self.optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
-        self._options = StateDictOptions(flatten_optimizer_state_dict=True)
-
-    def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizers, options=self._options)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizers, state_dict, options=self._options)
 
 
 class PerRankStateful(ABC):
