@@ -1,8 +1,8 @@
 """launch/slurm_multinode.sbatch on a real SLURM cluster: preemption warning -> save -> requeue -> resume.
 
-Needs a SLURM cluster with an idle node that can run the project (on one machine:
-`sudo tools/local_slurm.sh`); skipped otherwise. The job trains the tiny model of the other
-trainer tests on one CPU node (1 process, gloo).
+Needs a SLURM cluster whose nodes can run the project (on one machine: `sudo tools/local_slurm.sh`,
+or `sudo tools/local_slurm.sh --nodes 2` for the two-node case too); skipped otherwise. The jobs
+train the tiny model of the other trainer tests on CPU nodes (one process per node, gloo).
 """
 
 import os
@@ -30,13 +30,16 @@ def slurm_cluster():
         pytest.skip(f"SLURM client tools not installed ({', '.join(missing)}); "
                     "`sudo tools/local_slurm.sh` sets up a one-host cluster")
     try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=20)
     except subprocess.TimeoutExpired:
         pytest.skip("sinfo did not answer within 20 s: no SLURM controller is up (`sudo tools/local_slurm.sh`)")
     if out.returncode != 0:
         pytest.skip(f"no SLURM cluster is up (sinfo: {out.stderr.strip()}); `sudo tools/local_slurm.sh` starts one")
-    if "idle" not in out.stdout.split():
-        pytest.skip(f"no idle SLURM node (node states: {' '.join(out.stdout.split()) or 'none'})")
+    states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
+    idle = list(states.values()).count("idle")
+    if not idle:
+        pytest.skip(f"no idle SLURM node (node states: {states or 'none'})")
+    return idle
 
 
 class Job:
@@ -75,7 +78,7 @@ class Job:
         return "\n".join(self.text().splitlines()[-lines:])
 
 
-def submit(small_data, tmp_path: Path, steps: int) -> Job:
+def submit(small_data, tmp_path: Path, steps: int, nodes: int = 1) -> Job:
     config = tmp_path / "slurm_test.toml"
     config.write_text('[job]\ndescription = "SLURM preemption test"\n')
     args = tiny_args(small_data, tmp_path / "run", f"--training.steps={steps}", "--checkpoint.interval=5")
@@ -87,7 +90,7 @@ def submit(small_data, tmp_path: Path, steps: int) -> Job:
     }
     command = [
         "sbatch", "--parsable", "--export=ALL", "--job-name=titan_lrt_test",
-        "--nodes=1", "--gpus-per-node=0", "--time=15", f"--output={tmp_path}/%x-%j.out",
+        f"--nodes={nodes}", "--gpus-per-node=0", "--time=15", f"--output={tmp_path}/%x-%j.out",
         str(SBATCH), str(config), *args,
     ]
     out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
@@ -100,9 +103,13 @@ def complete_checkpoints(dump: Path) -> list[int]:
     return sorted(int(p.parent.name.split("-")[1]) for p in (dump / "checkpoints").glob("step-*/complete.json"))
 
 
-def test_preemption_warning_saves_requeues_and_resumes(slurm_cluster, small_data, tmp_path):
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_preemption_warning_saves_requeues_and_resumes(slurm_cluster, small_data, tmp_path, nodes):
+    if slurm_cluster < nodes:
+        pytest.skip(f"needs {nodes} idle SLURM nodes, the cluster has {slurm_cluster} "
+                    f"(on one machine: sudo tools/local_slurm.sh --nodes {nodes})")
     dump = tmp_path / "run"
-    job = submit(small_data, tmp_path, STEPS)
+    job = submit(small_data, tmp_path, STEPS, nodes)
     try:
         job.wait_for("job start", lambda: job.state() != "PENDING", timeout=120)
         job.wait_for("first checkpoint", lambda: complete_checkpoints(dump), timeout=180)
@@ -118,13 +125,15 @@ def test_preemption_warning_saves_requeues_and_resumes(slurm_cluster, small_data
 
         text, fields = job.text(), job.fields()
         assert fields["Restarts"] == "1", fields
+        assert f"{nodes} node(s) x 1 trainer(s)" in text
+        assert f"on each of {nodes} ranks" in text
         assert f"requeueing job {job.id}" in text
         assert f"step {STEPS:6d}" in text
         assert STEPS in complete_checkpoints(dump)
         # the second run started from the saved step: no step before it was trained twice
         second_run = text.split(f"resumed from step {saved}")[1]
         assert f"step {saved:6d} |" not in second_run and f"step {saved + 1:6d} |" in second_run
-        print(f"\njob {job.id} timings (s since submission): "
+        print(f"\njob {job.id} ({nodes} node(s)) timings (s since submission): "
               + ", ".join(f"{k} {v:.1f}" for k, v in job.timings.items()))
     finally:
         subprocess.run(["scancel", job.id], timeout=20)

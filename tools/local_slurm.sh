@@ -1,28 +1,32 @@
 #!/usr/bin/env bash
-# A one-host SLURM cluster for testing launch/slurm_multinode.sbatch (tests/test_slurm.py).
+# A SLURM cluster on this one host, for testing launch/slurm_multinode.sbatch (tests/test_slurm.py).
 #
-#   sudo tools/local_slurm.sh          # install (if needed), configure, start; wait until the node is idle
-#   sudo tools/local_slurm.sh --stop   # stop the daemons (packages and files stay)
+#   sudo tools/local_slurm.sh              # install (if needed), configure, start; wait until the node is idle
+#   sudo tools/local_slurm.sh --nodes 2    # the same with 2 simulated nodes (multi-node runs on one host)
+#   sudo tools/local_slurm.sh --stop       # stop the daemons (packages and files stay)
 #
-# Debian/Ubuntu only (Debian 12's SLURM 22.05 is what it is tested with). Run as root.
-# Running it again is fine: it only does what is missing, and restarts the daemons
-# only when the configuration it writes has changed.
+# Debian/Ubuntu only (tested with Debian 12's SLURM 22.05). Run as root. Running it again is
+# fine: it only does what is missing, and restarts the SLURM daemons only when the
+# configuration it writes has changed.
 #
 # What it changes on this machine:
-#   - apt installs slurmctld, slurmd, slurm-client and munge (--no-install-recommends)
-#     when they are missing; their services are not enabled or started by apt;
-#   - writes /etc/slurm/slurm.conf (one node = this host, with the CPU count and memory
-#     that `slurmd -C` reports; partition "debug"); an existing slurm.conf that this
-#     script did not write is left alone and the script stops;
+#   - apt installs slurmctld, slurmd, slurm-client and munge (--no-install-recommends) when
+#     they are missing, without starting or enabling their services;
+#   - writes /etc/slurm/slurm.conf (and /etc/slurm/cgroup.conf with LOCAL_SLURM_PROCTRACK=cgroup);
+#     a slurm.conf that this script did not write is left alone and the script stops;
 #   - creates /etc/munge/munge.key if the munge package did not;
-#   - starts munged (as user munge), slurmctld (as user slurm) and slurmd (as root)
-#     directly, without systemd; logs in /var/log/slurm/, state in /var/lib/slurm/.
+#   - with --nodes N > 1: adds the node names <host>-1 .. <host>-N to /etc/hosts (127.0.0.1),
+#     so that they resolve like real node names;
+#   - starts munged (as user munge), slurmctld (as user slurm) and one slurmd per node (as
+#     root) directly, without systemd; logs in /var/log/slurm/, state in /var/lib/slurm/.
 #
+# One node is this host with the CPU count and memory that `slurmd -C` reports; N simulated
+# nodes share them (N slurmd daemons on their own ports; SLURM's Debian build allows this).
 # The configuration is tuned for a fast test, not for production: short timeouts, a
-# scheduler pass every few seconds and cred_expire=10 (a requeued job may start again
-# 10 s after its requeue instead of SLURM's default 120 s). Process tracking uses
-# proctrack/linuxproc (the process tree), which needs no cgroup set-up and works in
-# containers; LOCAL_SLURM_PROCTRACK=cgroup selects proctrack/cgroup instead.
+# scheduler pass every 2 s and cred_expire=10 (a requeued job may start again 10 s after its
+# requeue instead of SLURM's default 120 s). Process tracking is proctrack/linuxproc (the
+# process tree), which needs no cgroup set-up and works in containers;
+# LOCAL_SLURM_PROCTRACK=cgroup selects proctrack/cgroup (one node only).
 set -euo pipefail
 
 CONF=/etc/slurm/slurm.conf
@@ -52,21 +56,39 @@ stop_daemon() {  # name pidfile
     fi
 }
 
-stop_all() {
-    stop_daemon slurmd /run/slurmd.pid
+# Put `line` (or nothing) in /etc/hosts in place of the line this script added before.
+set_hosts_line() {
+    local line="$1"
+    if [ -n "$line" ] && grep -qxF "$line" /etc/hosts; then return 0; fi
+    if [ -z "$line" ] && ! grep -qF "$MARKER" /etc/hosts; then return 0; fi
+    { grep -vF "$MARKER" /etc/hosts || true; [ -z "$line" ] || echo "$line"; } > /etc/hosts.local_slurm
+    cat /etc/hosts.local_slurm > /etc/hosts    # rewritten in place: /etc/hosts may be a mount point
+    rm -f /etc/hosts.local_slurm
+    say "updated /etc/hosts: ${line:-removed the simulated node names}"
+}
+
+stop_slurm() {
+    local f
+    for f in /run/slurmd*.pid; do stop_daemon slurmd "$f"; done
     stop_daemon slurmctld /run/slurmctld.pid
-    stop_daemon munged /run/munge/munged.pid
 }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (it installs packages and starts system daemons)"
 
-if [ "${1:-}" = "--stop" ]; then
-    stop_all
-    say "stopped"
-    exit 0
-elif [ $# -gt 0 ]; then
-    die "usage: $0 [--stop]"
-fi
+usage="usage: $0 [--nodes N | --stop]"
+NODES=1
+case "${1:-}" in
+    "") ;;
+    --stop)
+        stop_slurm
+        stop_daemon munged /run/munge/munged.pid
+        say "stopped"
+        exit 0 ;;
+    --nodes)
+        NODES="${2:?$usage}"
+        [[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "$usage" ;;
+    *) die "$usage" ;;
+esac
 
 # ---- packages ------------------------------------------------------------------
 missing=()
@@ -94,10 +116,26 @@ if [ -e "$CONF" ] && ! grep -qF "$MARKER" "$CONF"; then
     die "$CONF exists and was not written by this script; not touching it"
 fi
 host=$(hostname -s)
-node_line=$(slurmd -C | head -n 1)       # NodeName=<host> CPUs=.. Boards=.. ... RealMemory=..
-case "$node_line" in NodeName=*) ;; *) die "unexpected output of slurmd -C: $node_line" ;; esac
+hw=$(slurmd -C | head -n 1)       # NodeName=<host> CPUs=.. Boards=.. ... RealMemory=..
+case "$hw" in NodeName=*) ;; *) die "unexpected output of slurmd -C: $hw" ;; esac
+if [ "$NODES" -eq 1 ]; then
+    node_names=("$host")
+    node_conf="$hw State=UNKNOWN"
+    node_list="$host"
+    set_hosts_line ""
+else
+    [ "$PROCTRACK" = linuxproc ] || die "--nodes > 1 needs proctrack/linuxproc"
+    cpus=$(grep -o ' CPUs=[0-9]*' <<<"$hw" | cut -d= -f2)
+    mem=$(grep -o ' RealMemory=[0-9]*' <<<"$hw" | cut -d= -f2)
+    [ "$NODES" -le "$cpus" ] || die "--nodes $NODES: this host has only $cpus CPUs"
+    node_names=()
+    for i in $(seq "$NODES"); do node_names+=("$host-$i"); done
+    node_list="$host-[1-$NODES]"
+    node_conf="NodeName=$node_list NodeHostname=$host NodeAddr=127.0.0.1 Port=[17001-$((17000 + NODES))] CPUs=$((cpus / NODES)) RealMemory=$((mem / NODES)) State=UNKNOWN"
+    set_hosts_line "127.0.0.1 ${node_names[*]} $MARKER"
+fi
 new_conf=$(cat <<EOF
-$MARKER: a one-node test cluster on this host.
+$MARKER: a test cluster on this one host.
 # Do not use it for anything else; rerun the script to regenerate it.
 ClusterName=localtest
 SlurmctldHost=$host
@@ -106,11 +144,11 @@ AuthType=auth/munge
 # a requeued job may start again cred_expire seconds after the requeue (default 120)
 AuthInfo=cred_expire=10
 StateSaveLocation=/var/lib/slurm/slurmctld
-SlurmdSpoolDir=/var/lib/slurm/slurmd
+SlurmdSpoolDir=/var/lib/slurm/slurmd-%n
 SlurmctldPidFile=/run/slurmctld.pid
-SlurmdPidFile=/run/slurmd.pid
+SlurmdPidFile=/run/slurmd-%n.pid
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
-SlurmdLogFile=/var/log/slurm/slurmd.log
+SlurmdLogFile=/var/log/slurm/slurmd-%n.log
 ProctrackType=proctrack/$PROCTRACK
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -125,8 +163,8 @@ SlurmdTimeout=30
 MessageTimeout=10
 KillWait=10
 MinJobAge=600
-$node_line State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+$node_conf
+PartitionName=debug Nodes=$node_list Default=YES MaxTime=INFINITE State=UP
 EOF
 )
 conf_changed=0
@@ -134,7 +172,7 @@ if [ ! -e "$CONF" ] || [ "$(cat "$CONF")" != "$new_conf" ]; then
     mkdir -p /etc/slurm
     printf '%s\n' "$new_conf" > "$CONF"
     conf_changed=1
-    say "wrote $CONF ($node_line, proctrack/$PROCTRACK)"
+    say "wrote $CONF (${node_names[*]}: $node_conf; proctrack/$PROCTRACK)"
 else
     say "$CONF is up to date"
 fi
@@ -144,10 +182,8 @@ if [ "$PROCTRACK" = cgroup ] && [ ! -e /etc/slurm/cgroup.conf ]; then
 fi
 
 # ---- daemons ----------------------------------------------------------------------
-if [ "$conf_changed" -eq 1 ] && { alive_pid /run/slurmctld.pid >/dev/null || alive_pid /run/slurmd.pid >/dev/null; }; then
-    say "configuration changed: restarting the SLURM daemons"
-    stop_daemon slurmd /run/slurmd.pid
-    stop_daemon slurmctld /run/slurmctld.pid
+if [ "$conf_changed" -eq 1 ]; then
+    stop_slurm    # restarted below with the new configuration
 fi
 
 if [ ! -s /etc/munge/munge.key ]; then
@@ -166,34 +202,39 @@ fi
 munge -n | unmunge >/dev/null || die "munge does not work (see /var/log/munge/munged.log)"
 
 install -d -o slurm -g slurm /var/log/slurm /var/lib/slurm/slurmctld
-install -d /var/lib/slurm/slurmd
 if pid=$(alive_pid /run/slurmctld.pid); then
     say "slurmctld already running (pid $pid)"
 else
     say "starting slurmctld (log /var/log/slurm/slurmctld.log)"
     slurmctld
 fi
-if pid=$(alive_pid /run/slurmd.pid); then
-    say "slurmd already running (pid $pid)"
-else
-    say "starting slurmd (log /var/log/slurm/slurmd.log)"
-    slurmd
-fi
+for node in "${node_names[@]}"; do
+    if pid=$(alive_pid "/run/slurmd-$node.pid"); then
+        say "slurmd for $node already running (pid $pid)"
+    else
+        say "starting slurmd for $node (log /var/log/slurm/slurmd-$node.log)"
+        install -d "/var/lib/slurm/slurmd-$node"
+        slurmd -N "$node"
+    fi
+done
 
-# ---- wait for the node ------------------------------------------------------------
-say "waiting up to ${WAIT_S}s for node $host to be idle"
-state=""
+# ---- wait for the nodes -----------------------------------------------------------
+say "waiting up to ${WAIT_S}s for ${node_names[*]} to be idle"
+ready=0
 for _ in $(seq $((WAIT_S * 2))); do
-    state=$(sinfo -h -N -n "$host" -o %T 2>/dev/null | head -n 1 || true)
-    case "$state" in
-        idle|mixed|allocated) break ;;
-        down*|drain*) scontrol update NodeName="$host" State=RESUME 2>/dev/null || true ;;
-    esac
+    states=$(sinfo -h -N -o '%N %T' 2>/dev/null || true)
+    ready=1
+    for node in "${node_names[@]}"; do
+        state=$(awk -v n="$node" '$1 == n {print $2}' <<<"$states")
+        case "$state" in
+            idle|mixed|allocated) ;;
+            down*|drain*) ready=0; scontrol update NodeName="$node" State=RESUME 2>/dev/null || true ;;
+            *) ready=0 ;;
+        esac
+    done
+    [ "$ready" -eq 0 ] || break
     sleep 0.5
 done
-case "$state" in
-    idle|mixed|allocated) ;;
-    *) die "node $host is '${state:-unknown}' after ${WAIT_S}s; see /var/log/slurm/slurmctld.log and slurmd.log" ;;
-esac
 sinfo
-say "ready: node $host is $state"
+[ "$ready" -eq 1 ] || die "nodes not ready after ${WAIT_S}s; see /var/log/slurm/slurmctld.log and slurmd-*.log"
+say "ready: ${node_names[*]}"
