@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +29,8 @@ def slurm_cluster():
         pytest.skip(f"SLURM client tools not installed ({', '.join(missing)}); "
                     "`sudo tools/local_slurm.sh` sets up a one-host cluster")
     try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=20)
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"],
+                             capture_output=True, text=True, timeout=20, check=False)
     except subprocess.TimeoutExpired:
         pytest.skip("sinfo did not answer within 20 s: no SLURM controller is up (`sudo tools/local_slurm.sh`)")
     if out.returncode != 0:
@@ -51,7 +51,8 @@ class Job:
         self.timings: dict[str, float] = {}
 
     def fields(self) -> dict[str, str]:
-        out = subprocess.run(["scontrol", "show", "job", "-o", self.id], capture_output=True, text=True, timeout=20)
+        out = subprocess.run(["scontrol", "show", "job", "-o", self.id],
+                             capture_output=True, text=True, timeout=20, check=False)
         return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
 
     def state(self) -> str:
@@ -93,7 +94,7 @@ def submit(small_data, tmp_path: Path, steps: int, nodes: int = 1) -> Job:
         f"--nodes={nodes}", "--gpus-per-node=0", "--time=15", f"--output={tmp_path}/%x-%j.out",
         str(SBATCH), str(config), *args,
     ]
-    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, f"sbatch failed: {out.stderr}"
     job_id = out.stdout.strip().split(";")[0]
     return Job(job_id, tmp_path / f"titan_lrt_test-{job_id}.out")
@@ -136,7 +137,7 @@ def test_preemption_warning_saves_requeues_and_resumes(slurm_cluster, small_data
         print(f"\njob {job.id} ({nodes} node(s)) timings (s since submission): "
               + ", ".join(f"{k} {v:.1f}" for k, v in job.timings.items()))
     finally:
-        subprocess.run(["scancel", job.id], timeout=20)
+        subprocess.run(["scancel", job.id], check=False, timeout=20)
 
 
 def test_scancel_is_not_undone_by_a_requeue(slurm_cluster, small_data, tmp_path):
@@ -151,4 +152,4 @@ def test_scancel_is_not_undone_by_a_requeue(slurm_cluster, small_data, tmp_path)
         fields = job.fields()
         assert fields["JobState"] == "CANCELLED" and fields["Restarts"] == "0", fields
     finally:
-        subprocess.run(["scancel", job.id], timeout=20)
+        subprocess.run(["scancel", job.id], check=False, timeout=20)
