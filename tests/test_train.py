@@ -13,6 +13,7 @@ import torch
 
 from conftest import scalars, tiny_args
 from titan_lrt.config import load_config
+from titan_lrt.preemption import StopRequest
 from titan_lrt.train import Trainer, main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +26,7 @@ def test_short_run_loss_falls_and_logs_to_tensorboard(small_data, tmp_path):
     trainer = Trainer(config)
     assert trainer.grad_accum == 2
     trainer.resume()
-    trainer.train()
+    trainer.train(StopRequest())
     losses = scalars(tmp_path / "tb", "loss/total")
     assert sorted(losses) == list(range(1, 41))
     first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(36, 41)) / 5

@@ -21,16 +21,23 @@ buffer.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from titan_lrt.model.args import ATTENTION_BACKENDS
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0) -> Tensor:
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0, backend: str = "auto") -> Tensor:
     """Full causal self-attention (optionally with a sliding window)."""
-    k, v = _expand_kv(k, v, q.size(1))
+    if window > 0 and _use_flex(backend, q):
+        n = q.size(2)
+        mask = _block_mask("causal", n, n, 1, 0, window, q.device)
+        return _flex(q, k.to(q.dtype), v.to(q.dtype), mask)
+    k, v = _expand_kv(k.to(q.dtype), v.to(q.dtype), q.size(1))
     if window <= 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     pos = torch.arange(q.size(2), device=q.device)
@@ -38,7 +45,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0) -> Tensor
 
 
 def subset_attention(
-    q: Tensor, keys: list[Tensor], values: list[Tensor], index: int, window: int = 0
+    q: Tensor, keys: list[Tensor], values: list[Tensor], index: int, window: int = 0, backend: str = "auto"
 ) -> Tensor:
     """Queries of group `index` attend to the key groups 0..S-1 of the buffer.
 
@@ -47,12 +54,17 @@ def subset_attention(
     """
     S = len(keys)
     n = q.size(2)
+    if _use_flex(backend, q):
+        T = sum(k.size(2) for k in keys)
+        mask = _block_mask("subset", n, T, S, index, window, q.device)
+        return _flex(q, torch.cat(keys, dim=2).to(q.dtype), torch.cat(values, dim=2).to(q.dtype), mask)
     k_blocks, v_blocks, shifts, groups = [], [], [], []
     for j in range(S):
         shift = 0 if j <= index else 1
         if n - shift <= 0:
             continue
-        k, v = _expand_kv(keys[j][:, :, : n - shift], values[j][:, :, : n - shift], q.size(1))
+        k, v = (t[:, :, : n - shift].to(q.dtype) for t in (keys[j], values[j]))  # one dtype (autocast, float8)
+        k, v = _expand_kv(k, v, q.size(1))
         k_blocks.append(k)
         v_blocks.append(v)
         shifts.append(shift)
@@ -89,6 +101,51 @@ def decode_attention(
 
 
 # ---- internals ---------------------------------------------------------------------
+
+
+def _use_flex(backend: str, q: Tensor) -> bool:
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"model.attention_backend={backend!r}: allowed {ATTENTION_BACKENDS}")
+    return backend == "flex" or (backend == "auto" and q.is_cuda)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_mask(kind: str, n_q: int, n_kv: int, S: int, index: int, window: int, device: torch.device):
+    """FlexAttention block mask on positions. "subset": queries at index + aS, keys
+    in group order (group j at j + bS); "causal": both at 0..n-1. Static per shape,
+    so it is built once."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if kind == "subset":
+        q_pos = index + S * torch.arange(n_q, device=device)
+        k_pos = torch.cat([torch.arange(j, n_kv, S, device=device) for j in range(S)])
+    else:
+        q_pos = k_pos = torch.arange(n_q, device=device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        diff = q_pos[q_idx] - k_pos[kv_idx]
+        return (diff >= 0) & ((diff < window) if window > 0 else (diff >= 0))
+
+    return create_block_mask(mask_mod, None, None, n_q, n_kv, device=device)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
+    flex = _compiled_flex() if q.is_cuda else _eager_flex()
+    return flex(q, k, v, block_mask=block_mask, enable_gqa=k.size(1) != q.size(1))
+
+
+def _eager_flex():
+    """Uncompiled FlexAttention (CPU: forward only, for tests of the GPU path)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
 
 
 def _expand_kv(k: Tensor, v: Tensor, n_heads: int) -> tuple[Tensor, Tensor]:
