@@ -98,6 +98,13 @@ class Parallelism:
     """HSDP: number of replicas of the sharded model (1: FSDP over all ranks); must
     divide the number of ranks, each replica sharding over the rest."""
 
+    context_parallel_degree: int = 1
+    """Ranks that share each sequence (context parallelism): every rank of a group
+    gets the same rows and computes 1/degree of their positions (a head and a
+    mirrored tail chunk); attention and the LRT buffer are gathered over the group.
+    Must divide the number of ranks / data_parallel_replicate_degree; seq_len must
+    be a multiple of 2 x degree. Parameters are sharded over data-parallel x CP ranks."""
+
     fsdp_reshard_after_forward: str = field(default="default", metadata={"choices": ("default", "always", "never")})
     """Free a block's gathered parameters after each pass's forward ("default": all
     blocks but the last; "never": keep them gathered across the S + 1 passes of a
@@ -443,6 +450,21 @@ def validate(config: Config) -> None:
             f"parallelism.data_parallel_replicate_degree={p.data_parallel_replicate_degree} and "
             f"parallelism.process_group_timeout_seconds={p.process_group_timeout_seconds} must be >= 1"
         )
+    cp = p.context_parallel_degree
+    if cp < 1:
+        raise ConfigError(f"parallelism.context_parallel_degree={cp} must be >= 1")
+    if cp > 1:
+        if t.seq_len % (2 * cp):
+            raise ConfigError(
+                f"training.seq_len={t.seq_len} must be a multiple of 2 x parallelism.context_parallel_degree "
+                f"= {2 * cp} (each rank takes a head and a tail chunk)"
+            )
+        if config.lrt.mode == "interleaved" and t.seq_len // (2 * cp) < config.lrt.num_subsets:
+            raise ConfigError(
+                f"training.seq_len={t.seq_len} is too short for lrt.num_subsets={config.lrt.num_subsets} under "
+                f"parallelism.context_parallel_degree={cp}: each chunk of seq_len / (2 x degree) positions "
+                "must hold every subset"
+            )
     if config.data.num_workers not in (0, 1):
         raise ConfigError(f"data.num_workers={config.data.num_workers}: allowed 0 or 1")
     if config.data.num_streams < 1:

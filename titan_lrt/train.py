@@ -32,6 +32,7 @@ from titan_lrt.model.accounting import count_parameters, step_flops
 from titan_lrt.model.schedule import StepResult, run_schedule
 from titan_lrt.model.transformer import IGNORE_INDEX, Transformer
 from titan_lrt.optim import build_lr_schedulers, build_optimizers, clip_grad_norm_
+from titan_lrt.parallel.context_parallel import ContextParallel
 from titan_lrt.parallel.distributed import DistInfo, init_distributed, shutdown
 from titan_lrt.parallel.float8 import precompute_scales
 from titan_lrt.parallel.parallelize import DTYPES, parallelize
@@ -64,18 +65,23 @@ class Trainer:
 
         self.tokenizer = self._prepare_tokenizer()
         self.model_args = config.model_args(self.tokenizer.vocab_size, self.tokenizer.bos_id)
-        self.model = self._build_model()
+        self.model, mesh = self._build_model()
+        # Data parallelism proper: ranks with different rows. The ranks of a context-parallel
+        # group get the same rows and split their positions (self.cp, None without CP).
+        self.dp_rank, self.dp_degree = (mesh["dp"].get_local_rank(), mesh["dp"].size()) if mesh else (0, 1)
+        cp = config.parallelism.context_parallel_degree
+        self.cp = ContextParallel(mesh["cp"].get_group()) if cp > 1 else None
         f8 = config.float8
         self.float8_fsdp_scales = f8.enable and self.fsdp and f8.recipe_name == "tensorwise"
         self.optimizers = build_optimizers(self.model, **_optimizer_kwargs(config))
         self.lr_schedulers = build_lr_schedulers(self.optimizers, steps=t.steps, **vars(config.lr_scheduler))
 
-        dp = self.dist.world_size
+        dp = self.dp_degree
         self.global_batch = t.global_batch_size or t.local_batch_size * dp
         if self.global_batch % (t.local_batch_size * dp):
             raise ConfigError(
-                f"training.global_batch_size={self.global_batch} is not a multiple of local_batch_size x ranks "
-                f"= {t.local_batch_size} x {dp}"
+                f"training.global_batch_size={self.global_batch} is not a multiple of local_batch_size x "
+                f"data-parallel ranks = {t.local_batch_size} x {dp}"
             )
         self.grad_accum = self.global_batch // (t.local_batch_size * dp)
         self.data_source = self._data_source()
@@ -127,10 +133,11 @@ class Trainer:
             )
         return Tokenizer.from_file(path)
 
-    def _build_model(self) -> Transformer:
+    def _build_model(self):
+        """The model, parallelized and initialised, and the device mesh (None for one process)."""
         with torch.device("meta"):
             model = Transformer(self.model_args)
-        parallelize(model, self.config, self.device, self.dist.world_size, self.compute_dtype)
+        mesh = parallelize(model, self.config, self.device, self.dist.world_size, self.compute_dtype)
         model.to_empty(device=self.device)
         # Initialise a full copy on the CPU of rank 0 and load it (sharding it out under
         # FSDP): the same initial weights for every world size and device.
@@ -143,7 +150,7 @@ class Trainer:
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.fsdp)
         set_model_state_dict(model, full, options=options)
         model.init_buffers(self.device)
-        return model
+        return model, mesh
 
     def _data_source(self) -> str:
         d = self.config.data
@@ -158,8 +165,9 @@ class Trainer:
             local_batch_size=t.local_batch_size,
             split=split,
             text_column=d.text_column,
-            dp_rank=self.dist.rank,
-            dp_world_size=self.dist.world_size,
+            # evaluation scores whole sequences on every rank (no context parallelism)
+            dp_rank=self.dist.rank if eval_mode else self.dp_rank,
+            dp_world_size=self.dist.world_size if eval_mode else self.dp_degree,
             num_streams=self.dist.world_size if eval_mode else d.num_streams,
             packing="concat" if eval_mode else d.packing,
             seed=t.seed,
@@ -193,8 +201,9 @@ class Trainer:
         )
         logger.info(
             f"batch: {self.global_batch} sequences x {t.seq_len} tokens per step ({self.grad_accum} micro-batches "
-            f"of {t.local_batch_size} on each of {self.dist.world_size} ranks); device {self.device}, "
-            f"compute dtype {self.compute_dtype}" + (" (FSDP)" if self.fsdp else "")
+            f"of {t.local_batch_size} on each of {self.dp_degree} data-parallel ranks"
+            + (f", each sequence split over {self.cp.degree} context-parallel ranks" if self.cp else "")
+            + f"); device {self.device}, compute dtype {self.compute_dtype}" + (" (FSDP)" if self.fsdp else "")
         )
 
     # ---- the loop -----------------------------------------------------------------
@@ -244,7 +253,9 @@ class Trainer:
                 loss.backward()
 
             with self.autocast or contextlib.nullcontext():
-                result = run_schedule(self.model, inputs, targets, backward=backward, loss_denominators=counts)
+                result = run_schedule(
+                    self.model, inputs, targets, backward=backward, loss_denominators=counts, layout=self.cp
+                )
             results.append(result)
         loss = _all_reduce_sum(torch.stack([r.loss.detach() for r in results]).sum())
         grad_norm = clip_grad_norm_(self.model.parameters(), t.max_norm)
@@ -264,7 +275,8 @@ class Trainer:
         return {"results": results, "loss": loss, "grad_norm": grad_norm, "tokens": tokens, "counts": counts}
 
     def _global_target_counts(self, micro_batches) -> list[float]:
-        """Scored targets of each pass over the whole global batch (all micro-batches, all ranks)."""
+        """Scored targets of each pass over the whole global batch (all micro-batches, all ranks;
+        the ranks of a context-parallel group hold the same rows, which count once)."""
         lrt = self.model_args.lrt
         scored = torch.stack([(targets != IGNORE_INDEX) for _, targets in micro_batches]).sum(dim=(0, 1))  # (T,)
         if lrt.mode == "interleaved":
@@ -272,7 +284,7 @@ class Trainer:
             per_pass = [scored.sum()] + [scored[i::S].sum() for i in range(S)]
         else:
             per_pass = [scored.sum()] * (lrt.jacobi_passes if lrt.mode == "jacobi" else 1)
-        counts = _all_reduce_sum(torch.stack(per_pass).double())
+        counts = _all_reduce_sum(torch.stack(per_pass).double()) / (self.cp.degree if self.cp else 1)
         return [max(float(c), 1.0) for c in counts]
 
     def _set_gradient_sync(self, sync: bool) -> None:

@@ -17,6 +17,11 @@ strided index. Attending group by group with a causal kernel and merging the
 partial softmaxes by their log-sum-exp costs, over the S passes, exactly one
 causal attention, never touches masked-out key blocks, and needs no copy of the
 buffer.
+
+Under context parallelism (`context_attention`) a rank's queries are runs of
+global positions (a head and a tail chunk of the sequence, strided by S in a
+subset pass) and its keys are those of all positions, gathered from the group;
+the mask is built from the global positions.
 """
 
 from __future__ import annotations
@@ -74,6 +79,37 @@ def subset_attention(
     return _block_attention_math(q, k_blocks, v_blocks, groups, index, S, window)
 
 
+def context_attention(
+    q: Tensor, k: Tensor, v: Tensor, runs: tuple[tuple[int, int, int], ...], window: int = 0, backend: str = "auto"
+) -> Tensor:
+    """Queries at global positions attend to keys at positions 0..m-1 (context parallelism).
+
+    runs: the queries in order, as runs (first, count, stride) of positions
+    first, first + stride, ..., first + (count - 1) * stride. A key is visible
+    when its position is <= the query's (and within the window). Each piece of
+    at most `_QUERY_PIECE` queries reads only the keys its positions can see, so
+    a rank's work follows the causal triangle of its own chunks.
+    """
+    if _use_flex(backend, q):
+        mask = _runs_block_mask(runs, k.size(2), window, q.device)
+        return _flex(q, k.to(q.dtype), v.to(q.dtype), mask)
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    outs, start = [], 0
+    for first, count, stride in runs:
+        for a in range(0, count, _QUERY_PIECE):
+            n = min(_QUERY_PIECE, count - a)
+            p0 = first + a * stride
+            end = p0 + (n - 1) * stride + 1
+            lo = max(0, p0 - window + 1) if window > 0 else 0
+            q_pos = p0 + stride * torch.arange(n, device=q.device)
+            k_pos = torch.arange(lo, end, device=q.device)
+            kk, vv = _expand_kv(k[:, :, lo:end], v[:, :, lo:end], q.size(1))
+            mask = _visible(q_pos, k_pos, window)
+            outs.append(F.scaled_dot_product_attention(q[:, :, start + a : start + a + n], kk, vv, attn_mask=mask))
+        start += count
+    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+
 def decode_attention(
     q: Tensor, k_new: Tensor, v_new: Tensor, cache_k: Tensor, cache_v: Tensor, lengths: Tensor, window: int = 0
 ) -> Tensor:
@@ -127,6 +163,25 @@ def _block_mask(kind: str, n_q: int, n_kv: int, S: int, index: int, window: int,
         return (diff >= 0) & ((diff < window) if window > 0 else (diff >= 0))
 
     return create_block_mask(mask_mod, None, None, n_q, n_kv, device=device)
+
+
+_QUERY_PIECE = 512
+"""Queries per piece in `context_attention` on the SDPA path (finer pieces skip more
+masked-out keys, coarser ones launch fewer kernels)."""
+
+
+@functools.lru_cache(maxsize=64)
+def _runs_block_mask(runs: tuple[tuple[int, int, int], ...], n_kv: int, window: int, device: torch.device):
+    """FlexAttention block mask for queries given as position runs, keys at 0..n_kv-1."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    q_pos = torch.cat([first + stride * torch.arange(count, device=device) for first, count, stride in runs])
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        diff = q_pos[q_idx] - kv_idx
+        return (diff >= 0) & ((diff < window) if window > 0 else (diff >= 0))
+
+    return create_block_mask(mask_mod, None, None, q_pos.numel(), n_kv, device=device)
 
 
 @functools.cache

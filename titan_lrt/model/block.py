@@ -9,7 +9,7 @@ torch.compile and activation checkpointing see them.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Protocol, Union
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from titan_lrt.model.args import ModelArgs
-from titan_lrt.model.attention import causal_attention, decode_attention, subset_attention
+from titan_lrt.model.attention import causal_attention, context_attention, decode_attention, subset_attention
 from titan_lrt.model.layers import init_uniform_, rms_norm, rope_then_norm
 
 
@@ -41,7 +41,22 @@ class CacheKeys(NamedTuple):
     lengths: Tensor
 
 
-Keys = Union[None, SubsetKeys, CacheKeys]
+class KeyExchange(Protocol):
+    """Context parallelism: a pass whose positions are spread over the ranks of a group.
+
+    The block hands its fresh K/V (at its own positions) to `gather`, which
+    exchanges them across the group and returns the keys and values of every
+    position 0..T-1 in position order, the ones the queries attend to (the
+    communication lives in the key source, not in the block). `query_runs` gives
+    the global positions of the block's queries as runs (first, count, stride).
+    """
+
+    query_runs: tuple[tuple[int, int, int], ...]
+
+    def gather(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+Keys = Union[None, SubsetKeys, CacheKeys, KeyExchange]
 """What queries attend to: None for a full causal pass over the block's input."""
 
 
@@ -125,8 +140,11 @@ class Attention(nn.Module):
             group_k = [k if j == keys.index else kj for j, kj in enumerate(keys.keys)]
             group_v = [v if j == keys.index else vj for j, vj in enumerate(keys.values)]
             y = subset_attention(q, group_k, group_v, keys.index, self.window, self.backend)
-        else:
+        elif isinstance(keys, CacheKeys):
             y = decode_attention(q, k, v, keys.keys, keys.values, keys.lengths, self.window)
+        else:
+            k_all, v_all = keys.gather(k, v)
+            y = context_attention(q, k_all, v_all, keys.query_runs, self.window, self.backend)
         y = self.wo(y.transpose(1, 2).reshape(B, n, -1))
         return y, LayerKV(k, v, k_pre, g_fb), gate_means
 

@@ -5,9 +5,10 @@ positions, and the source states of all positions. It is organised by subset:
 group j holds the positions P_j = {j, j + S, j + 2S, ...}, so that a subset
 pass reads and replaces whole groups and nothing is ever written in place
 (autograd stays correct without cloning the buffer). The interface is small on
-purpose -- build, memory for a subset, keys for a subset, write back, refresh,
-merge -- so that context parallelism can later gather it across ranks without
-touching the model.
+purpose -- build, select a subset's inputs, memory for a subset, keys for a
+subset, write back, refresh, merge -- so that context parallelism gathers it
+across ranks without touching the model (`titan_lrt.parallel.context_parallel.
+ContextParallelBuffer` implements the same interface).
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ class SharedBuffer:
     def _hold(self, t: Tensor) -> Tensor:
         return t.detach() if self.detach else t
 
+    def select(self, i: int, t: Tensor) -> Tensor:
+        """The entries of a (B, T, ...) per-position tensor (tokens, targets) at P_i."""
+        return t[:, i :: self.S]
+
     def memory(self, i: int) -> Tensor:
         """m_t at P_i: the latest merged source state of position t - 1, reset where due."""
         n = len(self.positions[i])
@@ -102,6 +107,10 @@ class SharedBuffer:
                     gate = g_fb.unsqueeze(-1)
                     self.values[layer][j] = v0 + (gate * v_fb).transpose(1, 2)
                     self.keys[layer][j] = rope_then_norm(k_pre0 + gate * k_fb, cos, sin).transpose(1, 2)
+
+    def merge(self, per_pass: list[Tensor]) -> Tensor:
+        """Per-pass (B, n_i, ...) outputs at P_0..P_{S-1} in position order (detached)."""
+        return interleave_groups(per_pass, self.T, dim=1)
 
     def merged_states(self) -> Tensor:
         """(B, T, C) source states in position order (detached)."""

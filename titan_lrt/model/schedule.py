@@ -5,17 +5,25 @@ Each schedule runs the passes of one step on a batch and returns a
 backward: once on the total loss, or -- with `lrt.detach_buffer`, where passes
 do not exchange gradients -- after every pass as its own micro-step, which frees
 each pass's activations before the next pass starts.
+
+Where the positions of a sequence are computed is the `layout`'s business: by
+default all of them on this device (`WholeSequence`); under context
+parallelism (`titan_lrt.parallel.context_parallel.ContextParallel`) each rank
+of a group computes its own share and the layout's buffer gathers what the
+others need. The schedules read the same either way; every per-position output
+in the `StepResult` is at the positions this rank computed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from titan_lrt.model.buffer import SharedBuffer, interleave_groups
+from titan_lrt.model.block import Keys
+from titan_lrt.model.buffer import SharedBuffer
 from titan_lrt.model.memory import apply_reset, memory_keep_mask, shift_right
 from titan_lrt.model.transformer import IGNORE_INDEX, PassOutput, Transformer
 
@@ -36,13 +44,15 @@ class StepResult:
     """Per pass, the detached per-position losses at the positions it computed."""
 
     pass_positions: list[Tensor]
-    """Per pass, the positions it computed (all T for full passes)."""
+    """Per pass, the positions it computed (all T for full passes; this rank's share
+    under context parallelism)."""
 
     token_loss: Optional[Tensor]
-    """(B, T) merged per-position loss: each position scored by the last pass that computed it."""
+    """(B, T) merged per-position loss: each position scored by the last pass that
+    computed it (under context parallelism: at this rank's positions `pass_positions[0]`)."""
 
     states: Tensor
-    """(B, T, dim) merged source states (detached)."""
+    """(B, T, dim) merged source states (detached; at `pass_positions[0]`)."""
 
     gate_means: list[list[Optional[Tensor]]]
     """Per pass, per layer, the mean of each gate."""
@@ -54,6 +64,31 @@ class StepResult:
     """Per layer merged (K, V) in position order, when asked (prefill for decoding)."""
 
 
+class PassInputs(NamedTuple):
+    """What a full pass computes on this device: the tokens and targets at its
+    positions, the positions, and per layer what its queries attend to."""
+
+    tokens: Tensor
+    targets: Optional[Tensor]
+    positions: Tensor
+    keys: Optional[Sequence[Keys]]
+
+
+class WholeSequence:
+    """The default layout: every position of the sequence on this device."""
+
+    def full_pass(self, model: Transformer, tokens: Tensor, targets: Optional[Tensor]) -> PassInputs:
+        return PassInputs(tokens, targets, _all_positions(tokens), None)
+
+    def previous_states(self, states: Tensor, inputs: PassInputs) -> Tensor:
+        """s_{t-1} at the full pass's positions (0 at position 0)."""
+        return shift_right(states)
+
+    def buffer(self, model: Transformer, tokens: Tensor, pass0: PassOutput, inputs: PassInputs, num_subsets: int,
+               detach: bool) -> SharedBuffer:
+        return SharedBuffer(model, tokens, pass0, num_subsets, detach)
+
+
 def run_schedule(
     model: Transformer,
     tokens: Tensor,
@@ -61,55 +96,63 @@ def run_schedule(
     backward: Optional[Backward] = None,
     return_kv: bool = False,
     loss_denominators: Optional[Sequence[float]] = None,
+    layout: Optional[WholeSequence] = None,
 ) -> StepResult:
     """Run the schedule chosen by `model.args.lrt.mode` on a (B, T) batch.
 
     Each pass's loss is the sum of its per-position losses divided by its
     entry of `loss_denominators` (default: the number of scored targets it
     computed here, i.e. the mean); a data-parallel trainer passes global counts.
+    `layout` says which positions this device computes (default: all; a
+    `ContextParallel` splits them over its group, every rank passing the same batch).
     """
     mode = model.args.lrt.mode
     schedule = {"interleaved": interleaved, "jacobi": jacobi}.get(mode, baseline)
-    return schedule(model, tokens, targets, backward, return_kv, loss_denominators)
+    return schedule(model, tokens, targets, backward, return_kv, loss_denominators, layout or WholeSequence())
 
 
-def baseline(model, tokens, targets=None, backward=None, return_kv=False, loss_denominators=None) -> StepResult:
+def baseline(model, tokens, targets=None, backward=None, return_kv=False, loss_denominators=None,
+             layout=WholeSequence()) -> StepResult:
     """One full pass (LRT off, or zero memory)."""
     run = _Losses(targets, backward, detach=False, weights=[1.0], denominators=loss_denominators)
-    out = model(tokens, targets)
-    run.add(out, targets)
+    inputs = layout.full_pass(model, tokens, targets)
+    out = model(inputs.tokens, inputs.targets, positions=inputs.positions, keys=inputs.keys)
+    run.add(out, inputs.targets)
     run.finish()
-    return run.result([out], [_all_positions(tokens)], merged=out, kv=_kv(out) if return_kv else [])
+    return run.result([out], [inputs.positions], merged=out, kv=_kv(out) if return_kv else [])
 
 
-def jacobi(model, tokens, targets=None, backward=None, return_kv=False, loss_denominators=None) -> StepResult:
+def jacobi(model, tokens, targets=None, backward=None, return_kv=False, loss_denominators=None,
+           layout=WholeSequence()) -> StepResult:
     """K full passes; pass k reads the memory shift_right(s^{k-1}), pass 0 zero memory."""
     lrt = model.args.lrt
     K = lrt.jacobi_passes
     run = _Losses(targets, backward, lrt.detach_buffer, lrt.jacobi_weights or [1.0] * K, loss_denominators)
-    positions = _all_positions(tokens)
-    keep = memory_keep_mask(tokens, positions, model.args.bos_token_id, lrt.reset_at_bos)
+    inputs = layout.full_pass(model, tokens, targets)
+    keep = memory_keep_mask(inputs.tokens, inputs.positions, model.args.bos_token_id, lrt.reset_at_bos)
     memory, outs = None, []
     for _ in range(K):
-        out = model(tokens, targets, memory=memory)
-        run.add(out, targets)
+        out = model(inputs.tokens, inputs.targets, positions=inputs.positions, memory=memory, keys=inputs.keys)
+        run.add(out, inputs.targets)
         outs.append(out)
         states = out.states.detach() if lrt.detach_buffer else out.states
-        memory = apply_reset(shift_right(states), keep)
+        memory = apply_reset(layout.previous_states(states, inputs), keep)
     run.finish()
-    return run.result(outs, [positions] * K, merged=outs[-1], kv=_kv(outs[-1]) if return_kv else [])
+    return run.result(outs, [inputs.positions] * K, merged=outs[-1], kv=_kv(outs[-1]) if return_kv else [])
 
 
-def interleaved(model, tokens, targets=None, backward=None, return_kv=False, loss_denominators=None) -> StepResult:
+def interleaved(model, tokens, targets=None, backward=None, return_kv=False, loss_denominators=None,
+                layout=WholeSequence()) -> StepResult:
     """Pass 0 over all positions builds the shared buffer; then S subset passes refine it."""
     lrt = model.args.lrt
     S = lrt.num_subsets
     run = _Losses(targets, backward, lrt.detach_buffer, [lrt.pass0_weight] + [1.0] * S, loss_denominators)
 
     # Pass 0: all T positions, zero memory; its K/V and source states fill the buffer.
-    out0 = model(tokens, targets)
-    run.add(out0, targets)
-    buffer = SharedBuffer(model, tokens, out0, S, detach=lrt.detach_buffer)
+    inputs = layout.full_pass(model, tokens, targets)
+    out0 = model(inputs.tokens, inputs.targets, positions=inputs.positions, keys=inputs.keys)
+    run.add(out0, inputs.targets)
+    buffer = layout.buffer(model, tokens, out0, inputs, S, detach=lrt.detach_buffer)
     outs = [out0]
 
     # Refinement: pass i computes P_i = {t : t mod S == i} with memory from the latest
@@ -117,9 +160,9 @@ def interleaved(model, tokens, targets=None, backward=None, return_kv=False, los
     for i in range(S):
         if lrt.kv_refresh:
             buffer.refresh(i)
-        subset_targets = None if targets is None else targets[:, i::S]
+        subset_targets = None if targets is None else buffer.select(i, targets)
         out = model(
-            tokens[:, i::S],
+            buffer.select(i, tokens),
             subset_targets,
             positions=buffer.positions[i],
             memory=buffer.memory(i),
@@ -130,15 +173,14 @@ def interleaved(model, tokens, targets=None, backward=None, return_kv=False, los
         outs.append(out)
     run.finish()
 
-    T = tokens.size(1)
     merged = PassOutput(
         states=buffer.merged_states(),
         kv=[],
         gate_means=[],
-        logits=None if targets is not None else interleave_groups([o.logits for o in outs[1:]], T, dim=1),
-        token_loss=None if targets is None else interleave_groups([o.token_loss for o in outs[1:]], T, dim=1),
+        logits=None if targets is not None else buffer.merge([o.logits for o in outs[1:]]),
+        token_loss=None if targets is None else buffer.merge([o.token_loss for o in outs[1:]]),
     )
-    positions = [_all_positions(tokens)] + buffer.positions
+    positions = [inputs.positions] + buffer.positions
     return run.result(outs, positions, merged, kv=buffer.merged_kv() if return_kv else [])
 
 

@@ -24,16 +24,30 @@ RESHARD_POLICIES = ("default", "always", "never")
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
 
 
-def build_dp_mesh(device_type: str, world_size: int, replicate: int) -> DeviceMesh:
-    """A (replicate, shard) mesh: HSDP when replicate > 1, plain FSDP otherwise."""
+def build_dp_mesh(device_type: str, world_size: int, replicate: int, cp: int = 1) -> DeviceMesh:
+    """A (dp_replicate, dp_shard, cp) mesh: HSDP when replicate > 1, plain FSDP otherwise.
+
+    FSDP shards parameters over dp_shard x cp (flattened as "dp_shard_cp"): ranks of
+    a context-parallel group hold different positions of the same sequences, so
+    their gradients are summed like those of data-parallel ranks. The data-parallel
+    ranks proper (what the data loader shards by) are "dp" = dp_replicate x dp_shard.
+    """
     if replicate < 1 or world_size % replicate:
         raise ValueError(
             f"parallelism.data_parallel_replicate_degree={replicate} must be >= 1 and divide the "
             f"world size {world_size}"
         )
-    return init_device_mesh(
-        device_type, (replicate, world_size // replicate), mesh_dim_names=("dp_replicate", "dp_shard")
+    if cp < 1 or world_size % (replicate * cp):
+        raise ValueError(
+            f"parallelism.context_parallel_degree={cp} x data_parallel_replicate_degree={replicate} must "
+            f"divide the world size {world_size}"
+        )
+    mesh = init_device_mesh(
+        device_type, (replicate, world_size // (replicate * cp), cp), mesh_dim_names=("dp_replicate", "dp_shard", "cp")
     )
+    mesh[("dp_shard", "cp")]._flatten("dp_shard_cp")
+    mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+    return mesh
 
 
 def apply_fsdp(
@@ -56,7 +70,7 @@ def apply_fsdp(
             f"parallelism.fsdp_reshard_after_forward={reshard_after_forward!r}: allowed {RESHARD_POLICIES}"
         )
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    dp_mesh = mesh if mesh.mesh_dim_names is None else mesh[("dp_replicate", "dp_shard")]
+    dp_mesh = mesh if mesh.mesh_dim_names is None else mesh[("dp_replicate", "dp_shard_cp")]
     n = len(model.layers)
     for i, block in enumerate(model.layers):
         reshard = {"always": True, "never": False}.get(reshard_after_forward, i < n - 1)

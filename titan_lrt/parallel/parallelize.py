@@ -4,8 +4,10 @@ that order (each wraps what the previous one produced), on the meta device."""
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 
 from titan_lrt.model.transformer import Transformer
 from titan_lrt.parallel.activation_checkpoint import apply_activation_checkpointing
@@ -18,8 +20,13 @@ logger = logging.getLogger("titan_lrt")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def parallelize(model: Transformer, config, device: torch.device, world_size: int, compute_dtype: torch.dtype) -> None:
-    """config: the run's Config (sections float8, activation_checkpoint, compile, parallelism)."""
+def parallelize(
+    model: Transformer, config, device: torch.device, world_size: int, compute_dtype: torch.dtype
+) -> Optional[DeviceMesh]:
+    """config: the run's Config (sections float8, activation_checkpoint, compile, parallelism).
+
+    Returns the device mesh (dims dp_replicate, dp_shard, cp; see `build_dp_mesh`), None
+    for a single process."""
     fsdp = world_size > 1
     if config.float8.enable:
         converted = apply_float8(model, config.float8.recipe_name, config.float8.emulate, fsdp)
@@ -30,5 +37,12 @@ def parallelize(model: Transformer, config, device: torch.device, world_size: in
         apply_compile(model)
     if fsdp:
         p = config.parallelism
-        mesh = build_dp_mesh(device.type, world_size, p.data_parallel_replicate_degree)
+        mesh = build_dp_mesh(device.type, world_size, p.data_parallel_replicate_degree, p.context_parallel_degree)
         apply_fsdp(model, mesh, compute_dtype, DTYPES[p.mixed_precision_reduce], p.fsdp_reshard_after_forward)
+        return mesh
+    if config.parallelism.context_parallel_degree > 1:
+        raise ValueError(
+            f"parallelism.context_parallel_degree={config.parallelism.context_parallel_degree} needs as many "
+            "ranks (one process runs without context parallelism)"
+        )
+    return None

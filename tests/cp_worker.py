@@ -1,0 +1,117 @@
+"""Run under torchrun by tests/test_context_parallel.py: each schedule once on a single
+device and once split over the context-parallel group of all ranks, same batch and
+weights, in float32; writes the largest differences (loss, per-pass losses, merged
+states and losses, gradients) to the JSON file given as argv[1] (rank 0)."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from lrt_reference import tiny_args, tiny_model  # noqa: E402
+from titan_lrt.model.schedule import run_schedule  # noqa: E402
+from titan_lrt.model.transformer import IGNORE_INDEX  # noqa: E402
+from titan_lrt.parallel.context_parallel import ContextParallel  # noqa: E402
+
+CASES = {
+    "baseline": (32, {"lrt": {"mode": "off"}}),
+    "lrt_s2": (32, {"lrt": {"num_subsets": 2}}),
+    "lrt_s4": (32, {"lrt": {"num_subsets": 4}}),
+    # 40 positions, chunks of 10: ranks hold unequal numbers of each subset (padded gathers)
+    "lrt_s3_uneven": (40, {"lrt": {"num_subsets": 3}}),
+    "lrt_s2_refresh_layerwise_mid_source": (
+        32, {"lrt": {"num_subsets": 2, "kv_refresh": True, "projection": "layerwise", "source_layer": 1}}),
+    "lrt_s4_detached_refresh": (32, {"lrt": {"num_subsets": 4, "detach_buffer": True, "kv_refresh": True}}),
+    "lrt_s2_windows": (32, {"window_pattern": "SL", "short_window": 5, "lrt": {"num_subsets": 2}}),
+    "jacobi": (32, {"lrt": {"mode": "jacobi", "jacobi_passes": 3}}),
+}
+
+
+def batch(args, T: int, C: int):
+    """Two rows, an odd number of documents in each, BOS at chunk borders and off them."""
+    g = torch.Generator().manual_seed(11)
+    tokens = torch.randint(2, args.vocab_size, (2, T), generator=g)
+    c = T // (2 * C)
+    tokens[0, [0, c, 3 * c]] = args.bos_token_id          # 3 documents, starts on two chunk borders
+    tokens[1, [2 * c, 2 * c + 3, T - 1]] = args.bos_token_id  # no BOS at 0; 3 starts, one on a border
+    targets = torch.randint(2, args.vocab_size, (2, T), generator=torch.Generator().manual_seed(5))
+    targets[0, c - 1] = IGNORE_INDEX
+    targets[1, 2] = IGNORE_INDEX
+    return tokens, targets
+
+
+def counts(model, targets):
+    scored = (targets != IGNORE_INDEX).sum(0)
+    lrt = model.args.lrt
+    if lrt.mode == "interleaved":
+        S = lrt.num_subsets
+        return [float(scored.sum())] + [float(scored[i::S].sum()) for i in range(S)]
+    return [float(scored.sum())] * (lrt.jacobi_passes if lrt.mode == "jacobi" else 1)
+
+
+def run(model, tokens, targets, layout=None):
+    model.zero_grad(set_to_none=True)
+    result = run_schedule(model, tokens, targets, backward=lambda loss, last: loss.backward(),
+                          loss_denominators=counts(model, targets), layout=layout)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return result, grads
+
+
+def compare(name: str, T: int, overrides: dict, cp: ContextParallel) -> dict[str, float]:
+    args = tiny_args(**{**overrides, "lrt": {"mode": "interleaved", **overrides.get("lrt", {})}})
+    model = tiny_model(args).float()
+    tokens, targets = batch(args, T, cp.degree)
+    single, single_grads = run(model, tokens, targets)
+    split, split_grads = run(model, tokens, targets, layout=cp)
+
+    def total(t):
+        t = t.clone()
+        dist.all_reduce(t, group=cp.group)
+        return t
+
+    diffs = {"loss": float((total(split.loss.detach()) - single.loss).abs())}
+    local = split.pass_positions[0]
+    diffs["states"] = float((split.states - single.states[:, local]).abs().max())
+    diffs["merged_token_loss"] = float((split.token_loss - single.token_loss[:, local]).abs().max())
+    for i, (positions, token_loss) in enumerate(zip(split.pass_positions, split.pass_token_losses)):
+        reference = single.pass_token_losses[i]
+        reference_positions = single.pass_positions[i]
+        at = torch.searchsorted(reference_positions, positions)
+        diffs[f"pass{i}_token_loss"] = float((token_loss - reference[:, at]).abs().max())
+    # over the group, the full pass and (interleaved) the subset passes together compute every position once
+    sets = [local] + ([torch.cat(split.pass_positions[1:])] if args.lrt.mode == "interleaved" else [])
+    for k, mine in enumerate(sets):
+        gathered = [torch.zeros_like(mine) for _ in range(cp.degree)]
+        dist.all_gather(gathered, mine, group=cp.group)
+        diffs[f"positions_not_covered_once_{k}"] = float(not torch.equal(torch.cat(gathered).sort().values,
+                                                                        torch.arange(T)))
+    grad = 0.0
+    for n, g in split_grads.items():
+        grad = max(grad, float((total(g) - single_grads[n]).abs().max() / single_grads[n].abs().max().clamp(min=1e-6)))
+    diffs["grad_rel"] = grad
+    diffs["grad_norm"] = float(torch.stack([g.norm() for g in single_grads.values()]).norm())
+    return diffs
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    cp = ContextParallel(dist.group.WORLD)
+    results = {name: compare(name, T, overrides, cp) for name, (T, overrides) in CASES.items()}
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(results, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
+    sys.stdout.flush()
+    os._exit(0)
