@@ -34,6 +34,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="tokenizer.json (default: the run config's model.tokenizer_path)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="autocast dtype of the forward passes")
+    p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's; 1 is fastest for small models on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", help="also write the report as JSON to this file")
     g = p.add_argument_group("bits per byte")
@@ -78,7 +79,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_model(args.checkpoint, device, args.tokenizer)
     core_tasks = None
     if args.core:  # read the bundle before any long work, so that a bad one fails at once
@@ -90,6 +95,7 @@ def run(args: argparse.Namespace) -> dict:
         "model": _describe(loaded),
         "device": device,
         "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
     }
     progress = not args.no_progress
     if args.modes:
@@ -129,9 +135,10 @@ def _bits_per_byte(args, loaded: LoadedModel, amp, progress: bool) -> dict:
     batches = tqdm(batches, total=args.batches, desc="bits per byte", disable=not progress)
     exact = args.batch_size if args.exact_sequences is None else args.exact_sequences
     result = evaluate_bpb(model, batches, loaded.tokenizer.token_bytes().to(device), exact, amp, args.modes)
+    exact_tokens = result.throughput["exact"].tokens if "exact" in result.throughput else 0
     data_info = {
         "source": str(data), "split": args.split, "seq_len": seq_len, "batch_size": args.batch_size,
-        "batches": args.batches, "exact_sequences": exact if "exact" in args.modes else 0,
+        "batches": args.batches, "exact_sequences": exact_tokens // seq_len,
     }
     return {"data": data_info, "modes": args.modes, **result.to_dict(seq_len)}
 

@@ -12,7 +12,7 @@ def format_report(report: dict) -> str:
     m = report["model"]
     lines = [
         f"checkpoint {report['checkpoint']} (step {report['step']}): {m['describe']}",
-        f"device {report['device']}, {report['dtype']}",
+        f"device {report['device']} ({report['threads']} CPU threads), {report['dtype']}",
     ]
     if "bpb" in report:
         lines += ["", *_bpb_lines(report["bpb"])]
