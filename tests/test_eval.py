@@ -129,3 +129,12 @@ def test_bits_per_byte_accumulates_batches_exactly():
     score.add(torch.tensor([[4.0]]), torch.tensor([[3]]), positions=torch.tensor([2]))
     assert score.nats == [1.0, 7.0] and score.bytes == [1, 5]
     assert score.value == pytest.approx(8.0 / math.log(2) / 6)
+
+
+def test_for_a_baseline_every_mode_is_the_same_model():
+    model, inputs, targets, token_bytes = _setup(lrt={"mode": "off"})
+    result = evaluate_bpb(model, [(inputs, targets)], token_bytes, exact_sequences=3, modes=ALL_MODES)
+    assert set(result.scores) == {"merged", "pass0", "zero", "exact", "merged_on_exact_sample"}
+    for name in ("pass0", "zero", "exact"):
+        assert result.scores[name].value == pytest.approx(result.scores["merged"].value, **TOL)
+    assert result.merged_minus_exact == pytest.approx(0, abs=1e-12)
