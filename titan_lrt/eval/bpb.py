@@ -171,7 +171,6 @@ def evaluate_bpb(
         raise ValueError(f"bpb modes {bad}: allowed {MODES}")
     result = EvalResult()
     remaining_exact = exact_sequences if "exact" in modes else 0
-    schedule = "merged" in modes or "passes" in modes or remaining_exact > 0
     amp = autocast or contextlib.nullcontext()
 
     def score(name: str) -> BitsPerByte:
@@ -186,7 +185,7 @@ def evaluate_bpb(
     for inputs, targets in batches:
         starts = bucket_starts if bucket_starts is not None else position_buckets(inputs.size(1))
         target_bytes = torch.where(targets == IGNORE_INDEX, 0, token_bytes[targets.clamp(min=0)])
-        if schedule:
+        if "merged" in modes or "passes" in modes or remaining_exact > 0:  # merged is kept on the exact sample
             with timed("schedule", inputs.numel()), amp:
                 step = run_schedule(model, inputs, targets)
             if "merged" in modes:
