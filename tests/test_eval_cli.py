@@ -9,9 +9,11 @@ import torch
 
 from conftest import tiny_args as trainer_args
 from titan_lrt.config import load_config
+from titan_lrt.data.tokenizer import Tokenizer
 from titan_lrt.eval.cli import main as eval_main
 from titan_lrt.eval.loading import load_model
 from titan_lrt.model.schedule import run_schedule
+from titan_lrt.preemption import StopRequest
 from titan_lrt.train import Trainer
 
 BUNDLE = Path(__file__).parent / "data" / "core_bundle"
@@ -32,7 +34,7 @@ def trained(small_data, tmp_path_factory):
     dump = tmp_path_factory.mktemp("run")
     config, _ = load_config(trainer_args(small_data, dump, "--training.steps=2", "--checkpoint.interval=2"))
     trainer = Trainer(config)
-    trainer.train()
+    trainer.train(StopRequest())
     return trainer, dump / "checkpoints" / "step-00000002"
 
 
@@ -111,3 +113,17 @@ def test_evaluate_command_reports_bad_input_without_a_traceback(trained, tmp_pat
     with pytest.raises(SystemExit):
         eval_main(["--checkpoint", str(step_folder), "--modes", "merged,fast"])
     assert "allowed a comma-separated list" in capsys.readouterr().err
+
+
+def test_a_run_folder_carries_its_tokenizer(small_data, tmp_path):
+    """A run stays loadable after the tokenizer it was trained with is gone: the trainer keeps a copy."""
+    corpus, tokenizer = small_data
+    private = tmp_path / "private_tokenizer.json"
+    shutil.copyfile(tokenizer, private)
+    dump = tmp_path / "run"
+    config, _ = load_config(trainer_args((corpus, private), dump, "--training.steps=2", "--checkpoint.interval=2"))
+    Trainer(config).train(StopRequest())
+    assert (dump / "tokenizer.json").read_bytes() == private.read_bytes()
+    private.unlink()
+    loaded = load_model(dump)
+    assert loaded.tokenizer.vocab_size == Tokenizer.from_file(tokenizer).vocab_size

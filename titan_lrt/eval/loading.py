@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed.checkpoint as dcp
 
-from titan_lrt.checkpoint import MARKER, MODEL, checkpoint_problem
+from titan_lrt.checkpoint import MARKER, MODEL, RUN_TOKENIZER, checkpoint_problem
 from titan_lrt.config import Config, ConfigError, load_config
 from titan_lrt.data.tokenizer import Tokenizer
 from titan_lrt.model.transformer import Transformer
@@ -107,7 +107,9 @@ def _find_tokenizer(step_folder: Path, config: Config, override: Optional[str | 
             raise FileNotFoundError(f"tokenizer {str(override)!r} does not exist")
         return Path(override)
     written = Path(config.model.tokenizer_path)
+    run_copy = [p / RUN_TOKENIZER for p in step_folder.resolve().parents]  # the trainer's copy in job.dump_folder
     tried = [written] if written.is_absolute() else [written, *(p / written for p in step_folder.resolve().parents)]
+    tried += run_copy
     for candidate in tried:
         if candidate.is_file():
             return candidate
