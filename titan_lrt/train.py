@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import shutil
 import sys
 import time
 import traceback
@@ -131,6 +132,10 @@ class Trainer:
                 f"model.tokenizer_path={m.tokenizer_path}: no such file; give a tokenizer.json or train one "
                 "with tools/train_tokenizer.py"
             )
+        if self.dist.is_main:  # the run folder carries its tokenizer (for evaluation and export)
+            self.dump_folder.mkdir(parents=True, exist_ok=True)
+            if not (self.dump_folder / ckpt.RUN_TOKENIZER).exists():
+                shutil.copyfile(path, self.dump_folder / ckpt.RUN_TOKENIZER)
         return Tokenizer.from_file(path)
 
     def _build_model(self):

@@ -243,10 +243,12 @@ def _block_attention_math(
 class _BlockCausalAttention(torch.autograd.Function):
     """Attention over several causal key blocks merged by log-sum-exp (CPU flash kernel).
 
-    Block j is aligned so that query row a sees key rows b <= a - shift_j. The
-    backward gives each block the merged output and log-sum-exp, which makes the
-    kernel's per-block gradient the exact gradient of the merged attention (the
-    same identity ring attention relies on).
+    Block j is aligned so that query row a sees key rows b <= a - shift_j. Blocks
+    of the same shift have the same shape, so they go through the kernel together,
+    stacked along the batch (two kernel calls per pass, whatever S). The backward
+    gives each block the merged output and log-sum-exp, which makes the kernel's
+    per-block gradient the exact gradient of the merged attention (the identity
+    ring attention relies on).
     """
 
     @staticmethod
@@ -255,16 +257,19 @@ class _BlockCausalAttention(torch.autograd.Function):
         ks, vs = kv[:n_blocks], kv[n_blocks:]
         acc = torch.promote_types(q.dtype, torch.float32)
         outs, lses = [], []
-        for k, v, shift in zip(ks, vs, shifts):
-            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[:, :, shift:], k, v, 0.0, True)
+        for shift, members in _by_shift(shifts):
+            G = len(members)
+            k, v = _stack([ks[j] for j in members]), _stack([vs[j] for j in members])
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(_repeat(q[:, :, shift:], G), k, v, 0.0, True)
+            o, lse = o.unflatten(0, (G, -1)), lse.unflatten(0, (G, -1))
             if shift:
                 o = F.pad(o, (0, 0, shift, 0))
                 lse = F.pad(lse, (shift, 0), value=float("-inf"))
             outs.append(o)
             lses.append(lse.to(acc))
-        lse = torch.logsumexp(torch.stack(lses), dim=0)
-        out = sum(torch.exp(l - lse).unsqueeze(-1) * o.to(acc) for o, l in zip(outs, lses))
-        out = out.to(q.dtype)
+        o, lse_g = torch.cat(outs), torch.cat(lses)  # (blocks, B, H, n, D), (blocks, B, H, n)
+        lse = torch.logsumexp(lse_g, dim=0)
+        out = (torch.exp(lse_g - lse).unsqueeze(-1) * o.to(acc)).sum(0).to(q.dtype)
         ctx.shifts = shifts
         ctx.save_for_backward(q, out, lse, *kv)
         return out
@@ -277,12 +282,29 @@ class _BlockCausalAttention(torch.autograd.Function):
         ks, vs = kv[:n_blocks], kv[n_blocks:]
         grad_out = grad_out.contiguous().to(q.dtype)
         dq = torch.zeros_like(q, dtype=lse.dtype)
-        dks, dvs = [], []
-        for k, v, shift in zip(ks, vs, shifts):
-            dq_j, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad_out[:, :, shift:], q[:, :, shift:], k, v, out[:, :, shift:], lse[:, :, shift:], 0.0, True
+        dks, dvs = [None] * n_blocks, [None] * n_blocks
+        for shift, members in _by_shift(shifts):
+            G = len(members)
+            k, v = _stack([ks[j] for j in members]), _stack([vs[j] for j in members])
+            dq_g, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                _repeat(grad_out[:, :, shift:], G), _repeat(q[:, :, shift:], G), k, v,
+                _repeat(out[:, :, shift:], G), _repeat(lse[:, :, shift:], G), 0.0, True,
             )
-            dq[:, :, shift:] += dq_j
-            dks.append(dk)
-            dvs.append(dv)
+            dq[:, :, shift:] += dq_g.unflatten(0, (G, -1)).sum(0)
+            for j, dk_j, dv_j in zip(members, dk.unflatten(0, (G, -1)), dv.unflatten(0, (G, -1))):
+                dks[j], dvs[j] = dk_j, dv_j
         return (dq.to(q.dtype), None, *dks, *dvs)
+
+
+def _by_shift(shifts: tuple[int, ...]) -> list[tuple[int, list[int]]]:
+    return [(shift, [j for j, s in enumerate(shifts) if s == shift]) for shift in sorted(set(shifts))]
+
+
+def _stack(blocks: list[Tensor]) -> Tensor:
+    """Blocks (B, H, m, D) -> (G * B, H, m, D); no copy for a single block."""
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+
+def _repeat(t: Tensor, G: int) -> Tensor:
+    """(B, ...) -> (G * B, ...), the same tensor G times along the batch."""
+    return t if G == 1 else t.repeat(G, *([1] * (t.dim() - 1)))
