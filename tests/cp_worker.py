@@ -1,7 +1,8 @@
 """Run under torchrun by tests/test_context_parallel.py: each schedule once on a single
 device and once split over the context-parallel group of all ranks, same batch and
-weights, in float32; writes the largest differences (loss, per-pass losses, merged
-states and losses, gradients) to the JSON file given as argv[1] (rank 0)."""
+weights, in float32 and in float64; writes the largest differences (loss, per-pass
+losses, merged states and losses, gradients) to the JSON file given as argv[1]
+(rank 0), as {dtype: {case: {quantity: difference}}}."""
 
 import json
 import os
@@ -21,9 +22,9 @@ from titan_lrt.model.transformer import IGNORE_INDEX  # noqa: E402
 from titan_lrt.parallel.context_parallel import ContextParallel  # noqa: E402
 
 CASES = {
-    "baseline": (32, {"lrt": {"mode": "off"}}),
-    "lrt_s2": (32, {"lrt": {"num_subsets": 2}}),
-    "lrt_s4": (32, {"lrt": {"num_subsets": 4}}),
+    "baseline": (64, {"lrt": {"mode": "off"}}),
+    "lrt_s2": (64, {"lrt": {"num_subsets": 2}}),
+    "lrt_s4": (64, {"lrt": {"num_subsets": 4}}),
     # 40 positions, chunks of 10: ranks hold unequal numbers of each subset (padded gathers)
     "lrt_s3_uneven": (40, {"lrt": {"num_subsets": 3}}),
     "lrt_s2_refresh_layerwise_mid_source": (
@@ -35,7 +36,10 @@ CASES = {
 
 
 def batch(args, T: int, C: int):
-    """Two rows, an odd number of documents in each, BOS at chunk borders and off them."""
+    """Two rows, 7 documents: row 0 holds 3, two of them starting exactly at a chunk border
+    whose previous position belongs to another rank (c and 3c); row 1 starts inside a
+    document, has no BOS at those borders (memory crosses ranks there), a BOS at the
+    border 2c, one inside a chunk and one at the last position."""
     g = torch.Generator().manual_seed(11)
     tokens = torch.randint(2, args.vocab_size, (2, T), generator=g)
     c = T // (2 * C)
@@ -64,9 +68,10 @@ def run(model, tokens, targets, layout=None):
     return result, grads
 
 
-def compare(name: str, T: int, overrides: dict, cp: ContextParallel) -> dict[str, float]:
+def compare(name: str, T: int, overrides: dict, cp: ContextParallel, dtype: torch.dtype) -> dict[str, float]:
     args = tiny_args(**{**overrides, "lrt": {"mode": "interleaved", **overrides.get("lrt", {})}})
-    model = tiny_model(args).float()
+    torch.manual_seed(0)
+    model = tiny_model(args).to(dtype)
     tokens, targets = batch(args, T, cp.degree)
     single, single_grads = run(model, tokens, targets)
     split, split_grads = run(model, tokens, targets, layout=cp)
@@ -76,7 +81,7 @@ def compare(name: str, T: int, overrides: dict, cp: ContextParallel) -> dict[str
         dist.all_reduce(t, group=cp.group)
         return t
 
-    diffs = {"loss": float((total(split.loss.detach()) - single.loss).abs())}
+    diffs = {"loss": float((total(split.loss.detach()) - single.loss.detach()).abs())}
     local = split.pass_positions[0]
     diffs["states"] = float((split.states - single.states[:, local]).abs().max())
     diffs["merged_token_loss"] = float((split.token_loss - single.token_loss[:, local]).abs().max())
@@ -92,19 +97,24 @@ def compare(name: str, T: int, overrides: dict, cp: ContextParallel) -> dict[str
         dist.all_gather(gathered, mine, group=cp.group)
         diffs[f"positions_not_covered_once_{k}"] = float(not torch.equal(torch.cat(gathered).sort().values,
                                                                         torch.arange(T)))
-    grad = 0.0
+    grad = grad_rel = 0.0
     for n, g in split_grads.items():
-        grad = max(grad, float((total(g) - single_grads[n]).abs().max() / single_grads[n].abs().max().clamp(min=1e-6)))
-    diffs["grad_rel"] = grad
+        diff = (total(g) - single_grads[n]).abs().max()
+        grad = max(grad, float(diff))
+        grad_rel = max(grad_rel, float(diff / single_grads[n].abs().max().clamp(min=1e-6)))
+    diffs["grad"] = grad
+    diffs["grad_rel"] = grad_rel
     diffs["grad_norm"] = float(torch.stack([g.norm() for g in single_grads.values()]).norm())
     return diffs
 
 
 def main(out: str) -> None:
     dist.init_process_group("gloo")
-    torch.manual_seed(0)
     cp = ContextParallel(dist.group.WORLD)
-    results = {name: compare(name, T, overrides, cp) for name, (T, overrides) in CASES.items()}
+    results = {
+        str(dtype): {name: compare(name, T, overrides, cp, dtype) for name, (T, overrides) in CASES.items()}
+        for dtype in (torch.float32, torch.float64)
+    }
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(results, indent=1))
     dist.barrier()

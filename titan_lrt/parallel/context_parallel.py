@@ -183,12 +183,15 @@ class _SubsetExchange:
 
     def __init__(self, cp: ContextParallel, share: _Share, keys: Tensor, values: Tensor):
         self.cp, self.share, self.query_runs = cp, share, share.runs
+        self.base_k, self.base_v = keys, values
         self.k, self.v = keys, values
 
     def gather(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        fresh = self.cp.gather(torch.stack([k, v]), 3, self.share.counts).to(self.k.dtype)
-        self.k = self.k.index_copy(2, self.share.order, fresh[0])
-        self.v = self.v.index_copy(2, self.share.order, fresh[1])
+        # From the buffer as it was before the pass: a recompute (activation checkpointing)
+        # calling this again gives the same result.
+        fresh = self.cp.gather(torch.stack([k, v]), 3, self.share.counts).to(self.base_k.dtype)
+        self.k = self.base_k.index_copy(2, self.share.order, fresh[0])
+        self.v = self.base_v.index_copy(2, self.share.order, fresh[1])
         return self.k, self.v
 
 

@@ -24,6 +24,26 @@ RESHARD_POLICIES = ("default", "always", "never")
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
 
 
+def check_mesh_degrees(world_size: int, replicate: int, cp: int) -> None:
+    """Raise ValueError, naming the key, its value and what is allowed, unless
+    data_parallel_replicate_degree x context_parallel_degree divides the world size."""
+    if replicate < 1 or world_size % replicate:
+        allowed = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise ValueError(
+            f"parallelism.data_parallel_replicate_degree={replicate} must divide the number of ranks "
+            f"{world_size}: allowed {allowed}"
+        )
+    if cp < 1 or (world_size // replicate) % cp:
+        rest = world_size // replicate
+        allowed = [d for d in range(1, rest + 1) if rest % d == 0]
+        raise ValueError(
+            f"parallelism.context_parallel_degree={cp} must divide the number of ranks / "
+            f"data_parallel_replicate_degree = {world_size} / {replicate} = {rest}: allowed {allowed}"
+            + (" (context parallelism needs as many processes, e.g. torchrun --nproc_per_node "
+               f"{cp * replicate})" if cp > rest else "")
+        )
+
+
 def build_dp_mesh(device_type: str, world_size: int, replicate: int, cp: int = 1) -> DeviceMesh:
     """A (dp_replicate, dp_shard, cp) mesh: HSDP when replicate > 1, plain FSDP otherwise.
 
@@ -32,16 +52,7 @@ def build_dp_mesh(device_type: str, world_size: int, replicate: int, cp: int = 1
     their gradients are summed like those of data-parallel ranks. The data-parallel
     ranks proper (what the data loader shards by) are "dp" = dp_replicate x dp_shard.
     """
-    if replicate < 1 or world_size % replicate:
-        raise ValueError(
-            f"parallelism.data_parallel_replicate_degree={replicate} must be >= 1 and divide the "
-            f"world size {world_size}"
-        )
-    if cp < 1 or world_size % (replicate * cp):
-        raise ValueError(
-            f"parallelism.context_parallel_degree={cp} x data_parallel_replicate_degree={replicate} must "
-            f"divide the world size {world_size}"
-        )
+    check_mesh_degrees(world_size, replicate, cp)
     mesh = init_device_mesh(
         device_type, (replicate, world_size // (replicate * cp), cp), mesh_dim_names=("dp_replicate", "dp_shard", "cp")
     )

@@ -13,7 +13,7 @@ from titan_lrt.model.transformer import Transformer
 from titan_lrt.parallel.activation_checkpoint import apply_activation_checkpointing
 from titan_lrt.parallel.compile import apply_compile
 from titan_lrt.parallel.float8 import apply_float8
-from titan_lrt.parallel.fsdp import apply_fsdp, build_dp_mesh
+from titan_lrt.parallel.fsdp import apply_fsdp, build_dp_mesh, check_mesh_degrees
 
 logger = logging.getLogger("titan_lrt")
 
@@ -28,6 +28,8 @@ def parallelize(
     Returns the device mesh (dims dp_replicate, dp_shard, cp; see `build_dp_mesh`), None
     for a single process."""
     fsdp = world_size > 1
+    p = config.parallelism
+    check_mesh_degrees(world_size, p.data_parallel_replicate_degree, p.context_parallel_degree)
     if config.float8.enable:
         converted = apply_float8(model, config.float8.recipe_name, config.float8.emulate, fsdp)
         logger.info(f"float8 ({config.float8.recipe_name}{', emulated' if config.float8.emulate else ''}): "
@@ -36,13 +38,7 @@ def parallelize(
     if config.compile.enable:
         apply_compile(model)
     if fsdp:
-        p = config.parallelism
         mesh = build_dp_mesh(device.type, world_size, p.data_parallel_replicate_degree, p.context_parallel_degree)
         apply_fsdp(model, mesh, compute_dtype, DTYPES[p.mixed_precision_reduce], p.fsdp_reshard_after_forward)
         return mesh
-    if config.parallelism.context_parallel_degree > 1:
-        raise ValueError(
-            f"parallelism.context_parallel_degree={config.parallelism.context_parallel_degree} needs as many "
-            "ranks (one process runs without context parallelism)"
-        )
     return None
