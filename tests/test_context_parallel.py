@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import scalars, tiny_args
 import torch
+from conftest import scalars, tiny_args
 from test_distributed import final_params, torchrun
+
 from titan_lrt.config import ConfigError, load_config
 from titan_lrt.parallel.fsdp import check_mesh_degrees
 
@@ -36,27 +36,28 @@ def worker_diffs(tmp_path_factory):
     out = tmp_path_factory.mktemp("cp") / "diffs.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(ROOT / "tests" / "cp_worker.py"), str(out)]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600,
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     return json.loads(out.read_text())
 
 
 CASES = ["baseline", "lrt_s2", "lrt_s4", "lrt_s3_uneven", "lrt_s2_refresh_layerwise_mid_source",
-         "lrt_s4_detached_refresh", "lrt_s2_windows", "jacobi"]
+         "lrt_s4_detached_refresh", "lrt_s2_windows", "jacobi", "lrt_s2_flex", "lrt_s2_windows_flex"]
 
 
 @pytest.mark.parametrize("dtype, tol", [("torch.float32", 1e-5), ("torch.float64", 1e-10)])
 @pytest.mark.parametrize("case", CASES)
 def test_cp2_schedule_equals_one_device(worker_diffs, case, dtype, tol):
     diffs = worker_diffs[dtype][case]
-    assert diffs["grad_norm"] > 0.1  # the gradients compared are not trivially zero
+    if not case.endswith("_flex"):  # FlexAttention: forward only on CPU
+        assert diffs["grad_norm"] > 0.1  # the gradients compared are not trivially zero
     for name, value in diffs.items():
         if name.startswith("positions_not_covered_once"):
             assert value == 0.0, name
         elif name not in ("grad_norm", "grad_rel"):
             assert value <= tol, (name, value)
-    if dtype == "torch.float64":
+    if dtype == "torch.float64" and "grad_rel" in diffs:
         assert diffs["grad_rel"] <= tol
 
 
@@ -181,6 +182,7 @@ def test_one_process_with_cp_stops_at_start_up(small_data, tmp_path):
     """The trainer's start-up (parallelize) refuses a degree the ranks cannot hold, before any
     process group or mesh is built."""
     from lrt_reference import tiny_args as model_args
+
     from titan_lrt.model.transformer import Transformer
     from titan_lrt.parallel.parallelize import parallelize
 

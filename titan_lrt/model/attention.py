@@ -94,6 +94,12 @@ def context_attention(
         mask = _runs_block_mask(runs, k.size(2), window, q.device)
         return _flex(q, k.to(q.dtype), v.to(q.dtype), mask)
     k, v = k.to(q.dtype), v.to(q.dtype)
+    if window <= 0 and q.device.type == "cpu":
+        outs, start = [], 0
+        for first, count, stride in runs:
+            outs.append(_run_attention(q[:, :, start : start + count], k, v, first, count, stride))
+            start += count
+        return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     outs, start = [], 0
     for first, count, stride in runs:
         for a in range(0, count, _QUERY_PIECE):
@@ -108,6 +114,33 @@ def context_attention(
             outs.append(F.scaled_dot_product_attention(q[:, :, start + a : start + a + n], kk, vv, attn_mask=mask))
         start += count
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+
+def _run_attention(q: Tensor, k: Tensor, v: Tensor, first: int, n: int, S: int) -> Tensor:
+    """Queries at first, first + S, ..., first + (n - 1) S against keys at 0..m-1 (CPU flash kernel).
+
+    The keys before `first` are all visible: one block without a mask. The rest,
+    split by position mod S, are causal blocks as in a subset pass: the group of
+    the queries from `first` on (query a sees key b <= a), every other group from
+    its first position after `first` (query a sees key b <= a - 1). All blocks are
+    merged by log-sum-exp in `_BlockCausalAttention`: no mask, no masked-out keys.
+    """
+    i = first % S
+    blocks, shifts = [], []
+    if first > 0:
+        blocks.append((k[:, :, :first], v[:, :, :first]))
+        shifts.append(-1)
+    for g in range(S):
+        shift = 0 if g == i else 1
+        length = n - shift
+        if length <= 0:
+            continue
+        start = first + (g - i) + (S if g < i else 0)
+        end = start + S * (length - 1) + 1
+        blocks.append((k[:, :, start:end:S].contiguous(), v[:, :, start:end:S].contiguous()))
+        shifts.append(shift)
+    expanded = [_expand_kv(kb, vb, q.size(1)) for kb, vb in blocks]
+    return _BlockCausalAttention.apply(q, tuple(shifts), *(kb for kb, _ in expanded), *(vb for _, vb in expanded))
 
 
 def decode_attention(
@@ -243,8 +276,9 @@ def _block_attention_math(
 class _BlockCausalAttention(torch.autograd.Function):
     """Attention over several causal key blocks merged by log-sum-exp (CPU flash kernel).
 
-    Block j is aligned so that query row a sees key rows b <= a - shift_j. Blocks
-    of the same shift have the same shape, so they go through the kernel together,
+    Block j is aligned so that query row a sees key rows b <= a - shift_j; a block
+    with shift -1 is seen whole by every query (no mask; context parallelism's keys
+    before a chunk). Blocks of the same shift have the same shape, so they go through the kernel together,
     stacked along the batch (two kernel calls per pass, whatever S). The backward
     gives each block the merged output and log-sum-exp, which makes the kernel's
     per-block gradient the exact gradient of the merged attention (the identity
@@ -260,7 +294,10 @@ class _BlockCausalAttention(torch.autograd.Function):
         for shift, members in _by_shift(shifts):
             G = len(members)
             k, v = _stack([ks[j] for j in members]), _stack([vs[j] for j in members])
-            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(_repeat(q[:, :, shift:], G), k, v, 0.0, True)
+            causal, shift = shift >= 0, max(shift, 0)
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                _repeat(q[:, :, shift:], G), k, v, 0.0, causal
+            )
             o, lse = o.unflatten(0, (G, -1)), lse.unflatten(0, (G, -1))
             if shift:
                 o = F.pad(o, (0, 0, shift, 0))
@@ -286,9 +323,10 @@ class _BlockCausalAttention(torch.autograd.Function):
         for shift, members in _by_shift(shifts):
             G = len(members)
             k, v = _stack([ks[j] for j in members]), _stack([vs[j] for j in members])
+            causal, shift = shift >= 0, max(shift, 0)
             dq_g, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 _repeat(grad_out[:, :, shift:], G), _repeat(q[:, :, shift:], G), k, v,
-                _repeat(out[:, :, shift:], G), _repeat(lse[:, :, shift:], G), 0.0, True,
+                _repeat(out[:, :, shift:], G), _repeat(lse[:, :, shift:], G), 0.0, causal,
             )
             dq[:, :, shift:] += dq_g.unflatten(0, (G, -1)).sum(0)
             for j, dk_j, dv_j in zip(members, dk.unflatten(0, (G, -1)), dv.unflatten(0, (G, -1))):
