@@ -66,16 +66,18 @@ def _rank(rank: int, world: int, port: int, a: argparse.Namespace, out: str) -> 
 
         for _ in range(a.warmup):
             step()
-        times = []
+        times, cpu = [], []
         for _ in range(a.steps):
             if world > 1:
                 dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         if world > 1:
             dist.barrier()
         rows.append({"seq_len": T, "median_s": statistics.median(times), "min_s": min(times),
+                     "cpu_s": statistics.median(cpu),
                      "peak_mib": peak_memory(step, model) / 2**20})
     Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
     if world > 1:
@@ -117,19 +119,21 @@ def main() -> None:
           f"torch {torch.__version__}")
     t0 = time.perf_counter()
     cp1, cp2 = run(1, a), run(2, a)
-    header = (f"{'seq':>6} | {'CP1 s':>7} {'CP1 MiB':>8} | {'CP2 s r0':>8} {'CP2 s r1':>8} {'CP2 MiB r0':>10} "
-              f"{'CP2 MiB r1':>10} | {'time CP2/CP1':>12} {'mem CP2/CP1':>11}")
+    header = (f"{'seq':>6} | {'CP1 s':>6} {'cpu s':>6} {'MiB':>6} | {'CP2 s r0':>8} {'r1':>6} {'cpu s r0':>8} "
+              f"{'r1':>6} {'MiB r0':>7} {'r1':>6} | {'CP2/CP1: time':>13} {'cpu':>6} {'mem':>6}")
     print(header)
     rows = []
     for i, T in enumerate(a.seq_lens):
         one, (r0, r1) = cp1[0][i], (cp2[0][i], cp2[1][i])
-        slowest = max(r0["median_s"], r1["median_s"])
-        peak = max(r0["peak_mib"], r1["peak_mib"])
-        print(f"{T:>6} | {one['median_s']:>7.3f} {one['peak_mib']:>8.1f} | {r0['median_s']:>8.3f} "
-              f"{r1['median_s']:>8.3f} {r0['peak_mib']:>10.1f} {r1['peak_mib']:>10.1f} | "
-              f"{slowest / one['median_s']:>12.3f} {peak / one['peak_mib']:>11.3f}")
+        ratio = {k: max(r0[k], r1[k]) / one[k] for k in ("median_s", "cpu_s", "peak_mib")}
+        print(f"{T:>6} | {one['median_s']:>6.3f} {one['cpu_s']:>6.3f} {one['peak_mib']:>6.1f} | "
+              f"{r0['median_s']:>8.3f} {r1['median_s']:>6.3f} {r0['cpu_s']:>8.3f} {r1['cpu_s']:>6.3f} "
+              f"{r0['peak_mib']:>7.1f} {r1['peak_mib']:>6.1f} | {ratio['median_s']:>13.3f} {ratio['cpu_s']:>6.3f} "
+              f"{ratio['peak_mib']:>6.3f}")
         rows.append({"seq_len": T, "cp1": one, "cp2": [r0, r1]})
-    print(f"(ratios: the slower / larger of the two CP=2 ranks over CP=1; wall {time.perf_counter() - t0:.0f} s)")
+    print("(s: median wall time of a training step; cpu s: its process CPU time (robust to other load on the "
+          "machine); MiB: peak memory of a step, parameters included; ratios: the slower / larger CP=2 rank "
+          f"over CP=1; whole benchmark {time.perf_counter() - t0:.0f} s)")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 
