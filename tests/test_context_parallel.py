@@ -116,7 +116,7 @@ trainer, one LRT schedule suffices to pin the mesh, the loader sharding and the 
 
 SLOW = pytest.mark.skipif(
     not os.environ.get("TITAN_LRT_SLOW_TESTS"),
-    reason="4 processes on a 2-core machine (about 25 s); set TITAN_LRT_SLOW_TESTS=1 to run",
+    reason="4 processes on a 2-core machine (about 30 s each); set TITAN_LRT_SLOW_TESTS=1 to run",
 )
 
 
@@ -128,11 +128,14 @@ def test_trainer_cp2_matches_one_process(runs, schedule):
 
 
 @SLOW
-def test_trainer_cp2_times_dp2_matches_one_process(runs):
-    """4 processes: 2 data-parallel ranks (2 rows each) x CP 2, parameters sharded over all 4."""
+@pytest.mark.parametrize("dp", ["fsdp", "hsdp"])
+def test_trainer_cp2_times_dp2_matches_one_process(runs, dp):
+    """4 processes: 2 data-parallel ranks (2 rows each) x CP 2; parameters sharded over all 4
+    (fsdp) or replicated twice and sharded over the 2 CP ranks (hsdp)."""
     one = runs("one_lrt_s2", 1, *SCHEDULES["lrt_s2"])
-    both = runs("cp2_dp2_lrt_s2", 4, *SCHEDULES["lrt_s2"], "--parallelism.context_parallel_degree=2",
-                "--training.local_batch_size=2")
+    replicate = ("--parallelism.data_parallel_replicate_degree=2",) if dp == "hsdp" else ()
+    both = runs(f"cp2_{dp}2_lrt_s2", 4, *SCHEDULES["lrt_s2"], "--parallelism.context_parallel_degree=2",
+                "--training.local_batch_size=2", *replicate)
     assert_same_run(one, both)
 
 
