@@ -86,9 +86,12 @@ def context_attention(
 
     runs: the queries in order, as runs (first, count, stride) of positions
     first, first + stride, ..., first + (count - 1) * stride. A key is visible
-    when its position is <= the query's (and within the window). Each piece of
-    at most `_QUERY_PIECE` queries reads only the keys its positions can see, so
-    a rank's work follows the causal triangle of its own chunks.
+    when its position is <= the query's (and within the window). FlexAttention
+    (CUDA): one block mask from the runs. CPU without a window: per run, the keys
+    before it unmasked plus causal blocks (`_run_attention`), no mask built.
+    Otherwise (sliding windows): SDPA with a mask, in pieces of at most
+    `_QUERY_PIECE` queries that read only the keys their positions can see. In
+    every path a rank's work follows the causal triangle of its own chunks.
     """
     if _use_flex(backend, q):
         mask = _runs_block_mask(runs, k.size(2), window, q.device)
