@@ -247,3 +247,15 @@ def test_loss_denominators_replace_the_per_pass_means():
     sums = [t.sum() for t in plain.pass_token_losses]
     torch.testing.assert_close(scaled.loss, (sums[0] / 40 + sums[1] / 20 + sums[2] / 20) / 3, **TOL)
     torch.testing.assert_close(plain.loss, (sums[0] / 20 + sums[1] / 10 + sums[2] / 10) / 3, **TOL)
+
+
+@pytest.mark.parametrize("window_pattern", ["L", "SL"])
+def test_flex_attention_backend_matches_sdpa_in_the_forward(window_pattern):
+    """The GPU path (FlexAttention block masks), checked forward-only on CPU."""
+    args = tiny_args(window_pattern=window_pattern, short_window=4, lrt={"num_subsets": 3})
+    sdpa = tiny_model(args.replace(attention_backend="sdpa"))
+    flex = tiny_model(args.replace(attention_backend="flex"))
+    tokens = sample_tokens(args, batch=2, T=12, bos_every=5)
+    with torch.no_grad():
+        a, b = run_schedule(sdpa, tokens), run_schedule(flex, tokens)
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-7, atol=1e-8)

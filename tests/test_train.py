@@ -13,6 +13,7 @@ import torch
 
 from conftest import scalars, tiny_args
 from titan_lrt.config import load_config
+from titan_lrt.preemption import StopRequest
 from titan_lrt.train import Trainer, main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +26,7 @@ def test_short_run_loss_falls_and_logs_to_tensorboard(small_data, tmp_path):
     trainer = Trainer(config)
     assert trainer.grad_accum == 2
     trainer.resume()
-    trainer.train()
+    trainer.train(StopRequest())
     losses = scalars(tmp_path / "tb", "loss/total")
     assert sorted(losses) == list(range(1, 41))
     first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(36, 41)) / 5
@@ -74,14 +75,17 @@ def test_kill_minus_nine_then_rerun_resumes_the_exact_loss_curve(small_data, tmp
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_stop_signal_finishes_the_step_saves_and_exits_cleanly(small_data, tmp_path, sig):
-    args = tiny_args(small_data, tmp_path, "--training.steps=100000", "--checkpoint.interval=100000")
+    """The signal goes to the whole process group, data-loader worker included (as
+    torchrun and SLURM deliver it)."""
+    args = tiny_args(small_data, tmp_path, "--training.steps=100000", "--checkpoint.interval=100000",
+                     "--data.num_workers=1")
     proc = subprocess.Popen([sys.executable, str(ROOT / "run_train.sh"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 120
     while not (tmp_path / "tb").exists() or not scalars_or_empty(tmp_path / "tb"):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.1)
-    proc.send_signal(sig)
+    os.killpg(proc.pid, sig)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, output
     assert f"{sig.name} on some rank: saving step" in output

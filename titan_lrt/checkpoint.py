@@ -64,6 +64,9 @@ warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavai
 
 ASYNC_MODES = ("disabled", "async", "async_process")
 MARKER = "complete.json"
+RUN_TOKENIZER = "tokenizer.json"
+"""The trainer copies the run's tokenizer to <job.dump_folder>/tokenizer.json, so that a
+checkpoint carries everything needed to use the model."""
 MODEL = "model"
 _STEP_FOLDER = re.compile(r"step-(\d{8})(.*)")
 _PARTIAL = ".partial"

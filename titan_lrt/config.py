@@ -115,6 +115,36 @@ class Parallelism:
 
 
 @dataclass
+class Compile:
+    enable: bool = False
+    """torch.compile every block and the LM head with its loss (static shapes; the
+    first step compiles one graph per pass kind)."""
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = field(default="none", metadata={"choices": ("none", "full", "selective")})
+    """Recompute block activations in the backward instead of keeping them."""
+
+    selective_ac_option: str = "op"
+    """With mode = "selective": "op" (keep matmul and attention outputs, recompute the
+    rest) or an integer N (checkpoint every N-th block)."""
+
+
+@dataclass
+class Float8:
+    enable: bool = False
+    """float8 matmuls (torchao) for the block linears and the feedback projection;
+    never the LM head. Needs compute capability >= 8.9 unless emulated."""
+
+    recipe_name: str = field(default="tensorwise", metadata={"choices": ("tensorwise", "rowwise")})
+    """Scaling recipe; tensorwise also all-gathers FSDP weights in float8."""
+
+    emulate: bool = False
+    """Emulate float8 in higher precision (CPU tests of the numerics)."""
+
+
+@dataclass
 class Optimizer:
     name: str = field(default="adamw", metadata={"choices": ("adamw", "muon")})
     """adamw, or muon for the 2-D block matrices with AdamW for the rest."""
@@ -265,6 +295,9 @@ SECTIONS: dict[str, type] = {
     "lrt": LRTArgs,
     "training": Training,
     "parallelism": Parallelism,
+    "compile": Compile,
+    "activation_checkpoint": ActivationCheckpoint,
+    "float8": Float8,
     "optimizer": Optimizer,
     "lr_scheduler": LRScheduler,
     "data": Data,
@@ -287,6 +320,9 @@ class Config:
     lrt: LRTArgs = field(default_factory=LRTArgs)
     training: Training = field(default_factory=Training)
     parallelism: Parallelism = field(default_factory=Parallelism)
+    compile: Compile = field(default_factory=Compile)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    float8: Float8 = field(default_factory=Float8)
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     data: Data = field(default_factory=Data)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import shutil
 import sys
 import time
 import traceback
@@ -33,7 +34,8 @@ from titan_lrt.model.schedule import StepResult, run_schedule
 from titan_lrt.model.transformer import IGNORE_INDEX, Transformer
 from titan_lrt.optim import build_lr_schedulers, build_optimizers, clip_grad_norm_
 from titan_lrt.parallel.distributed import DistInfo, init_distributed, shutdown
-from titan_lrt.parallel.fsdp import apply_fsdp, build_dp_mesh
+from titan_lrt.parallel.float8 import precompute_scales
+from titan_lrt.parallel.parallelize import DTYPES, parallelize
 from titan_lrt.preemption import StopRequest
 
 logger = logging.getLogger("titan_lrt")
@@ -64,6 +66,8 @@ class Trainer:
         self.tokenizer = self._prepare_tokenizer()
         self.model_args = config.model_args(self.tokenizer.vocab_size, self.tokenizer.bos_id)
         self.model = self._build_model()
+        f8 = config.float8
+        self.float8_fsdp_scales = f8.enable and self.fsdp and f8.recipe_name == "tensorwise"
         self.optimizers = build_optimizers(self.model, **_optimizer_kwargs(config))
         self.lr_schedulers = build_lr_schedulers(self.optimizers, steps=t.steps, **vars(config.lr_scheduler))
 
@@ -122,15 +126,16 @@ class Trainer:
                 f"model.tokenizer_path={m.tokenizer_path}: no such file; give a tokenizer.json or train one "
                 "with tools/train_tokenizer.py"
             )
+        if self.dist.is_main:  # the run folder carries its tokenizer (for evaluation and export)
+            self.dump_folder.mkdir(parents=True, exist_ok=True)
+            if not (self.dump_folder / ckpt.RUN_TOKENIZER).exists():
+                shutil.copyfile(path, self.dump_folder / ckpt.RUN_TOKENIZER)
         return Tokenizer.from_file(path)
 
     def _build_model(self) -> Transformer:
         with torch.device("meta"):
             model = Transformer(self.model_args)
-        if self.fsdp:
-            p = self.config.parallelism
-            mesh = build_dp_mesh(self.device.type, self.dist.world_size, p.data_parallel_replicate_degree)
-            apply_fsdp(model, mesh, self.compute_dtype, _DTYPES[p.mixed_precision_reduce], p.fsdp_reshard_after_forward)
+        parallelize(model, self.config, self.device, self.dist.world_size, self.compute_dtype)
         model.to_empty(device=self.device)
         # Initialise a full copy on the CPU of rank 0 and load it (sharding it out under
         # FSDP): the same initial weights for every world size and device.
@@ -206,9 +211,8 @@ class Trainer:
             self.batches = iter(self.train_loader)
             logger.info(f"resumed from step {resumed}")
 
-    def train(self) -> None:
+    def train(self, stop: StopRequest) -> None:
         c = self.config
-        stop = StopRequest()
         window_start, window_tokens = time.perf_counter(), 0
         while self.state.step < c.training.steps:
             stats = self.train_step()
@@ -252,6 +256,8 @@ class Trainer:
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         if finite:
             self.optimizers.step()
+            if self.float8_fsdp_scales:
+                precompute_scales(self.model)
             self.skipped_in_a_row = 0
         else:
             self._handle_nonfinite(loss, grad_norm)
@@ -368,13 +374,10 @@ def _optimizer_kwargs(config: Config) -> dict:
     return vars(config.optimizer)
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
 def _compute_dtype(choice: str, device: torch.device) -> torch.dtype:
     if choice == "auto":
         choice = "bfloat16" if device.type == "cuda" or _cpu_has_native_bf16() else "float32"
-    return _DTYPES[choice]
+    return DTYPES[choice]
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -434,6 +437,7 @@ def main(argv: list[str]) -> int:
     if print_only:
         print(config.to_toml())
         return 0
+    stop = StopRequest()  # from the start: a stop signal during set-up is honoured after the first step
     try:
         trainer = Trainer(config)
         trainer.resume()
@@ -441,7 +445,7 @@ def main(argv: list[str]) -> int:
         logger.error(f"error: {e}")
         return 2
     try:
-        trainer.train()
+        trainer.train(stop)
     except NonFiniteError as e:
         logger.error(str(e))
         return 3

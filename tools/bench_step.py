@@ -1,30 +1,41 @@
 """Training-step benchmark: the baseline and LRT variants side by side in one process.
 
-The variants run in alternation (round-robin, one step each per round), so that
-the noise of a shared machine hits them alike; the ratios to the baseline are
-the numbers to read. Peak memory is measured on a separate, untimed step.
+For each setting (eager or compiled, activation checkpointing, float8) the
+variants run in alternation, one step each per round, so that the noise of a
+shared machine hits them alike; the ratios to the first variant are the numbers
+to read. Peak memory is measured on a separate, untimed step.
 
-    python tools/bench_step.py                     # reference config of BENCHMARKS.md
-    python tools/bench_step.py --rounds 10 --variants baseline s2 s4 jacobi2
+    python tools/bench_step.py                                   # reference config, eager, fp32
+    python tools/bench_step.py --compile both --ac none full op  # the CPU matrix of BENCHMARKS.md
+    python tools/bench_step.py --device cuda --depth 20 --seq-len 2048 --batch 4 --dtype bf16 --compile on
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from titan_lrt.cpu_allocator import keep_freed_memory
-from titan_lrt.model.accounting import step_flops
-from titan_lrt.model.args import LRTArgs, ModelArgs
-from titan_lrt.model.schedule import run_schedule
-from titan_lrt.model.transformer import Transformer
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from titan_lrt.cpu_allocator import keep_freed_memory  # noqa: E402
+from titan_lrt.metrics import device_peak_flops  # noqa: E402
+from titan_lrt.model.accounting import step_flops  # noqa: E402
+from titan_lrt.model.args import LRTArgs, ModelArgs, args_from_depth  # noqa: E402
+from titan_lrt.model.schedule import run_schedule  # noqa: E402
+from titan_lrt.model.transformer import Transformer  # noqa: E402
+from titan_lrt.parallel.activation_checkpoint import apply_activation_checkpointing  # noqa: E402
+from titan_lrt.parallel.compile import apply_compile  # noqa: E402
+from titan_lrt.parallel.float8 import apply_float8  # noqa: E402
 
 VARIANTS = {
     "baseline": dict(mode="off"),
@@ -34,6 +45,7 @@ VARIANTS = {
     "s2_detach": dict(mode="interleaved", num_subsets=2, detach_buffer=True),
     "jacobi2": dict(mode="jacobi", jacobi_passes=2),
 }
+AC = {"none": ("none", "op"), "full": ("full", "op"), "op": ("selective", "op"), "every2": ("selective", "2")}
 
 
 def peak_memory(fn, model) -> int:
@@ -61,38 +73,31 @@ def peak_memory(fn, model) -> int:
     return resident + max(allocated, default=0)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=["baseline", "s2", "s4"], choices=sorted(VARIANTS))
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--n-heads", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="autocast dtype")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = p.parse_args()
+def build(a, variant: str, compiled: bool, ac: str, float8: bool, device) -> Transformer:
+    lrt = LRTArgs(**VARIANTS[variant])
+    if a.depth:
+        args = args_from_depth(a.depth, vocab_size=a.vocab, max_seq_len=a.seq_len, lrt=lrt)
+    else:
+        args = ModelArgs(vocab_size=a.vocab, n_layers=a.n_layers, dim=a.dim, n_heads=a.n_heads,
+                         max_seq_len=a.seq_len, lrt=lrt)
+    with torch.device("meta"):
+        model = Transformer(args)
+    if float8:
+        apply_float8(model, "tensorwise", emulate=device.type != "cuda", fsdp=False)
+    apply_activation_checkpointing(model, *AC[ac])
+    if compiled:
+        apply_compile(model)
+    model.to_empty(device=device)
+    torch.manual_seed(0)
+    model.init_weights(buffer_device=device)
+    return model
 
-    device = torch.device(a.device)
-    if device.type == "cpu":
-        keep_freed_memory()
+
+def run_setting(a, device, compiled: bool, ac: str, float8: bool) -> list[dict]:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16")
     tokens = torch.randint(1, a.vocab, (a.batch, a.seq_len), device=device)
     targets = torch.randint(1, a.vocab, (a.batch, a.seq_len), device=device)
-
-    models = {}
-    for name in a.variants:
-        args = ModelArgs(
-            vocab_size=a.vocab, n_layers=a.n_layers, dim=a.dim, n_heads=a.n_heads, max_seq_len=a.seq_len,
-            lrt=LRTArgs(**VARIANTS[name]),
-        )
-        torch.manual_seed(0)
-        model = Transformer(args).to(device)
-        model.init_weights()
-        models[name] = model
+    models = {v: build(a, v, compiled, ac, float8, device) for v in a.variants}
 
     def step(model):
         model.zero_grad(set_to_none=True)
@@ -103,40 +108,93 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for name, model in models.items():
+    for model in models.values():
         for _ in range(a.warmup):
             step(model)
-    times = {name: [] for name in models}
-    faults = {name: 0 for name in models}
+    times = {v: [] for v in models}
+    faults = {v: 0 for v in models}
     for _ in range(a.rounds):
-        for name, model in models.items():
+        for v, model in models.items():
             sync()
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             step(model)
             sync()
-            times[name].append(time.perf_counter() - t0)
-            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    peaks = {name: peak_memory(lambda m=model: step(m), model) for name, model in models.items()}
-
-    print(
-        f"config: dim {a.dim}, layers {a.n_layers}, heads {a.n_heads}, seq {a.seq_len}, batch {a.batch}, "
-        f"vocab {a.vocab}, {a.dtype} autocast, eager, {device.type}, threads {torch.get_num_threads()}, "
-        f"{a.rounds} rounds"
-    )
+            times[v].append(time.perf_counter() - t0)
+            faults[v] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    rows = []
     base = a.variants[0]
-    print(
-        f"{'variant':<12}{'median s':>10}{'min s':>9}{'ratio':>8}{'flop ratio':>12}{'peak MiB':>10}{'mem ratio':>11}"
-        f"{'faults/step':>13}"
-    )
-    for name in models:
-        med = statistics.median(times[name])
-        flops = step_flops(models[name].args, a.seq_len).total / step_flops(models[base].args, a.seq_len).total
-        print(
-            f"{name:<12}{med:>10.3f}{min(times[name]):>9.3f}{med / statistics.median(times[base]):>8.3f}"
-            f"{flops:>12.3f}{peaks[name] / 2**20:>10.1f}{peaks[name] / peaks[base]:>11.3f}"
-            f"{faults[name] / a.rounds:>13.0f}"
-        )
+    peak_flops = device_peak_flops(device)
+    for v, model in models.items():
+        median = statistics.median(times[v])
+        flops = step_flops(model.args, a.seq_len)
+        tokens_per_s = a.batch * a.seq_len / median
+        rows.append({
+            "setting": f"{'compile' if compiled else 'eager'}/ac={ac}" + ("/float8" if float8 else ""),
+            "variant": v,
+            "median_s": median,
+            "min_s": min(times[v]),
+            "ratio": median / statistics.median(times[base]),
+            "flop_ratio": flops.total / step_flops(models[base].args, a.seq_len).total,
+            "tokens_per_s": tokens_per_s,
+            "mfu_pct": 100 * tokens_per_s * flops.total / peak_flops if peak_flops else None,
+            "peak_mib": peak_memory(lambda m=model: step(m), model) / 2**20,
+            "faults_per_step": faults[v] / a.rounds,
+        })
+    base_peak = rows[0]["peak_mib"]
+    for r in rows:
+        r["mem_ratio"] = r["peak_mib"] / base_peak
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=["baseline", "s2", "s4"], choices=sorted(VARIANTS),
+                   help="the first one is the reference of the ratios")
+    p.add_argument("--depth", type=int, default=0, help="nanochat-style flavor by depth (overrides dim/layers/heads)")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--n-heads", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32", help="autocast dtype")
+    p.add_argument("--compile", choices=["off", "on", "both"], default="off")
+    p.add_argument("--ac", nargs="+", default=["none"], choices=sorted(AC))
+    p.add_argument("--float8", choices=["off", "on", "both"], default="off",
+                   help="torchao float8 (emulated on CPU: measures numerics overhead, not speed)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="also write the rows as JSON to this file")
+    a = p.parse_args()
+
+    device = torch.device(a.device)
+    if device.type == "cpu":
+        keep_freed_memory()
+    size = f"depth {a.depth}" if a.depth else f"dim {a.dim}, layers {a.n_layers}, heads {a.n_heads}"
+    print(f"config: {size}, seq {a.seq_len}, batch {a.batch}, vocab {a.vocab}, {a.dtype} autocast, {device.type}, "
+          f"threads {torch.get_num_threads()}, {a.rounds} rounds; torch {torch.__version__}")
+    both = {"off": [False], "on": [True], "both": [False, True]}
+    rows = []
+    for compiled, ac, float8 in itertools.product(both[a.compile], a.ac, both[a.float8]):
+        rows += run_setting(a, device, compiled, ac, float8)
+        print_rows([r for r in rows if r["setting"] == rows[-1]["setting"]])
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+
+
+def print_rows(rows: list[dict]) -> None:
+    print(f"\n{rows[0]['setting']}")
+    header = (f"{'variant':<12}{'median s':>10}{'min s':>8}{'ratio':>8}{'flops':>8}{'tok/s':>10}"
+              f"{'mfu %':>7}{'peak MiB':>10}{'mem ratio':>11}{'faults':>9}")
+    print(header)
+    for r in rows:
+        mfu = f"{r['mfu_pct']:.1f}" if r["mfu_pct"] is not None else "-"
+        print(f"{r['variant']:<12}{r['median_s']:>10.3f}{r['min_s']:>8.3f}{r['ratio']:>8.3f}{r['flop_ratio']:>8.3f}"
+              f"{r['tokens_per_s']:>10,.0f}{mfu:>7}{r['peak_mib']:>10.1f}{r['mem_ratio']:>11.3f}"
+              f"{r['faults_per_step']:>9.0f}")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ of every rank are needed, taken at the same step.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -187,9 +188,21 @@ class TokenBatchLoader:
 
     def _restart(self) -> None:
         self._loader = StatefulDataLoader(
-            self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            worker_init_fn=_leave_stop_signals_to_the_trainer if self.num_workers else None,
         )
         self._batches = None
+
+
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A stop signal sent to the whole process group (torchrun, SLURM) must not kill the
+    tokenizing worker: the trainer finishes its step and saves first; the worker ends
+    with the trainer."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def merge_loader_states(states: Iterable[dict]) -> dict:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 LRT_MODES = ("off", "interleaved", "jacobi")
 PROJECTIONS = ("shared", "layerwise")
 VALUE_EMBED_MODES = ("none", "alternate", "all")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 
 
 @dataclass
@@ -119,6 +120,12 @@ class ModelArgs:
     short_window: int = 0
     """Width of an "S" window in tokens (0: max_seq_len // 2)."""
 
+    attention_backend: str = field(default="auto", metadata={"choices": ATTENTION_BACKENDS})
+    """Attention kernels: "sdpa" (fused SDPA; subset passes merge causal sub-blocks by
+    log-sum-exp), "flex" (FlexAttention block masks; GPU only for training, it has
+    no CPU backward) or "auto" (flex for subset passes and windows on CUDA, sdpa
+    elsewhere)."""
+
     x0_init: float = 0.1
     """Initial b_l in x = a_l * x + b_l * x0 (a_l starts at 1)."""
 
@@ -197,6 +204,10 @@ class ModelArgs:
         _check(
             self.window_pattern and set(self.window_pattern) <= {"S", "L"},
             f"model.window_pattern={self.window_pattern!r}: use only the letters S and L",
+        )
+        _check(
+            self.attention_backend in ATTENTION_BACKENDS,
+            f"model.attention_backend={self.attention_backend!r}: allowed {ATTENTION_BACKENDS}",
         )
         _check(0 <= self.gate_channels <= self.dim, f"model.gate_channels={self.gate_channels} must be in [0, dim={self.dim}]")
         _check(0 <= self.bos_token_id < self.vocab_size, f"model.bos_token_id={self.bos_token_id} outside the vocabulary")

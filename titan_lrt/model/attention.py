@@ -21,16 +21,23 @@ buffer.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from titan_lrt.model.args import ATTENTION_BACKENDS
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0) -> Tensor:
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0, backend: str = "auto") -> Tensor:
     """Full causal self-attention (optionally with a sliding window)."""
-    k, v = _expand_kv(k, v, q.size(1))
+    if window > 0 and _use_flex(backend, q):
+        n = q.size(2)
+        mask = _block_mask("causal", n, n, 1, 0, window, q.device)
+        return _flex(q, k.to(q.dtype), v.to(q.dtype), mask)
+    k, v = _expand_kv(k.to(q.dtype), v.to(q.dtype), q.size(1))
     if window <= 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     pos = torch.arange(q.size(2), device=q.device)
@@ -38,7 +45,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0) -> Tensor
 
 
 def subset_attention(
-    q: Tensor, keys: list[Tensor], values: list[Tensor], index: int, window: int = 0
+    q: Tensor, keys: list[Tensor], values: list[Tensor], index: int, window: int = 0, backend: str = "auto"
 ) -> Tensor:
     """Queries of group `index` attend to the key groups 0..S-1 of the buffer.
 
@@ -47,12 +54,17 @@ def subset_attention(
     """
     S = len(keys)
     n = q.size(2)
+    if _use_flex(backend, q):
+        T = sum(k.size(2) for k in keys)
+        mask = _block_mask("subset", n, T, S, index, window, q.device)
+        return _flex(q, torch.cat(keys, dim=2).to(q.dtype), torch.cat(values, dim=2).to(q.dtype), mask)
     k_blocks, v_blocks, shifts, groups = [], [], [], []
     for j in range(S):
         shift = 0 if j <= index else 1
         if n - shift <= 0:
             continue
-        k, v = _expand_kv(keys[j][:, :, : n - shift], values[j][:, :, : n - shift], q.size(1))
+        k, v = (t[:, :, : n - shift].to(q.dtype) for t in (keys[j], values[j]))  # one dtype (autocast, float8)
+        k, v = _expand_kv(k, v, q.size(1))
         k_blocks.append(k)
         v_blocks.append(v)
         shifts.append(shift)
@@ -89,6 +101,51 @@ def decode_attention(
 
 
 # ---- internals ---------------------------------------------------------------------
+
+
+def _use_flex(backend: str, q: Tensor) -> bool:
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"model.attention_backend={backend!r}: allowed {ATTENTION_BACKENDS}")
+    return backend == "flex" or (backend == "auto" and q.is_cuda)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_mask(kind: str, n_q: int, n_kv: int, S: int, index: int, window: int, device: torch.device):
+    """FlexAttention block mask on positions. "subset": queries at index + aS, keys
+    in group order (group j at j + bS); "causal": both at 0..n-1. Static per shape,
+    so it is built once."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if kind == "subset":
+        q_pos = index + S * torch.arange(n_q, device=device)
+        k_pos = torch.cat([torch.arange(j, n_kv, S, device=device) for j in range(S)])
+    else:
+        q_pos = k_pos = torch.arange(n_q, device=device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        diff = q_pos[q_idx] - k_pos[kv_idx]
+        return (diff >= 0) & ((diff < window) if window > 0 else (diff >= 0))
+
+    return create_block_mask(mask_mod, None, None, n_q, n_kv, device=device)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
+    flex = _compiled_flex() if q.is_cuda else _eager_flex()
+    return flex(q, k, v, block_mask=block_mask, enable_gqa=k.size(1) != q.size(1))
+
+
+def _eager_flex():
+    """Uncompiled FlexAttention (CPU: forward only, for tests of the GPU path)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
 
 
 def _expand_kv(k: Tensor, v: Tensor, n_heads: int) -> tuple[Tensor, Tensor]:
@@ -131,10 +188,12 @@ def _block_attention_math(
 class _BlockCausalAttention(torch.autograd.Function):
     """Attention over several causal key blocks merged by log-sum-exp (CPU flash kernel).
 
-    Block j is aligned so that query row a sees key rows b <= a - shift_j. The
-    backward gives each block the merged output and log-sum-exp, which makes the
-    kernel's per-block gradient the exact gradient of the merged attention (the
-    same identity ring attention relies on).
+    Block j is aligned so that query row a sees key rows b <= a - shift_j. Blocks
+    of the same shift have the same shape, so they go through the kernel together,
+    stacked along the batch (two kernel calls per pass, whatever S). The backward
+    gives each block the merged output and log-sum-exp, which makes the kernel's
+    per-block gradient the exact gradient of the merged attention (the identity
+    ring attention relies on).
     """
 
     @staticmethod
@@ -143,16 +202,19 @@ class _BlockCausalAttention(torch.autograd.Function):
         ks, vs = kv[:n_blocks], kv[n_blocks:]
         acc = torch.promote_types(q.dtype, torch.float32)
         outs, lses = [], []
-        for k, v, shift in zip(ks, vs, shifts):
-            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[:, :, shift:], k, v, 0.0, True)
+        for shift, members in _by_shift(shifts):
+            G = len(members)
+            k, v = _stack([ks[j] for j in members]), _stack([vs[j] for j in members])
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(_repeat(q[:, :, shift:], G), k, v, 0.0, True)
+            o, lse = o.unflatten(0, (G, -1)), lse.unflatten(0, (G, -1))
             if shift:
                 o = F.pad(o, (0, 0, shift, 0))
                 lse = F.pad(lse, (shift, 0), value=float("-inf"))
             outs.append(o)
             lses.append(lse.to(acc))
-        lse = torch.logsumexp(torch.stack(lses), dim=0)
-        out = sum(torch.exp(l - lse).unsqueeze(-1) * o.to(acc) for o, l in zip(outs, lses))
-        out = out.to(q.dtype)
+        o, lse_g = torch.cat(outs), torch.cat(lses)  # (blocks, B, H, n, D), (blocks, B, H, n)
+        lse = torch.logsumexp(lse_g, dim=0)
+        out = (torch.exp(lse_g - lse).unsqueeze(-1) * o.to(acc)).sum(0).to(q.dtype)
         ctx.shifts = shifts
         ctx.save_for_backward(q, out, lse, *kv)
         return out
@@ -165,12 +227,29 @@ class _BlockCausalAttention(torch.autograd.Function):
         ks, vs = kv[:n_blocks], kv[n_blocks:]
         grad_out = grad_out.contiguous().to(q.dtype)
         dq = torch.zeros_like(q, dtype=lse.dtype)
-        dks, dvs = [], []
-        for k, v, shift in zip(ks, vs, shifts):
-            dq_j, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad_out[:, :, shift:], q[:, :, shift:], k, v, out[:, :, shift:], lse[:, :, shift:], 0.0, True
+        dks, dvs = [None] * n_blocks, [None] * n_blocks
+        for shift, members in _by_shift(shifts):
+            G = len(members)
+            k, v = _stack([ks[j] for j in members]), _stack([vs[j] for j in members])
+            dq_g, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                _repeat(grad_out[:, :, shift:], G), _repeat(q[:, :, shift:], G), k, v,
+                _repeat(out[:, :, shift:], G), _repeat(lse[:, :, shift:], G), 0.0, True,
             )
-            dq[:, :, shift:] += dq_j
-            dks.append(dk)
-            dvs.append(dv)
+            dq[:, :, shift:] += dq_g.unflatten(0, (G, -1)).sum(0)
+            for j, dk_j, dv_j in zip(members, dk.unflatten(0, (G, -1)), dv.unflatten(0, (G, -1))):
+                dks[j], dvs[j] = dk_j, dv_j
         return (dq.to(q.dtype), None, *dks, *dvs)
+
+
+def _by_shift(shifts: tuple[int, ...]) -> list[tuple[int, list[int]]]:
+    return [(shift, [j for j, s in enumerate(shifts) if s == shift]) for shift in sorted(set(shifts))]
+
+
+def _stack(blocks: list[Tensor]) -> Tensor:
+    """Blocks (B, H, m, D) -> (G * B, H, m, D); no copy for a single block."""
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+
+def _repeat(t: Tensor, G: int) -> Tensor:
+    """(B, ...) -> (G * B, ...), the same tensor G times along the batch."""
+    return t if G == 1 else t.repeat(G, *([1] * (t.dim() - 1)))

@@ -78,7 +78,7 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
-        self.window = args.window(layer)
+        self.window, self.backend = args.window(layer), args.attention_backend
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.kv_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.kv_dim, bias=False)
@@ -120,11 +120,11 @@ class Attention(nn.Module):
         k = rope_then_norm(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
         if keys is None:
-            y = causal_attention(q, k, v, self.window)
+            y = causal_attention(q, k, v, self.window, self.backend)
         elif isinstance(keys, SubsetKeys):
             group_k = [k if j == keys.index else kj for j, kj in enumerate(keys.keys)]
             group_v = [v if j == keys.index else vj for j, vj in enumerate(keys.values)]
-            y = subset_attention(q, group_k, group_v, keys.index, self.window)
+            y = subset_attention(q, group_k, group_v, keys.index, self.window, self.backend)
         else:
             y = decode_attention(q, k, v, keys.keys, keys.values, keys.lengths, self.window)
         y = self.wo(y.transpose(1, 2).reshape(B, n, -1))

@@ -76,6 +76,33 @@ class FeedbackProjection(nn.Module):
         init_uniform_(self.proj.weight, self.dim)  # like the attention's V projection
 
 
+class LMHead(nn.Module):
+    """Logits (soft-capped, fp32) or, given targets, the per-position cross-entropy.
+
+    One module, so that it is one FSDP unit (with the final norm, which has no
+    weights) and can be compiled with the loss.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.vocab_size, self.softcap, self.init_std = args.vocab_size, args.logit_softcap, args.head_init_std
+        self.weight = nn.Parameter(torch.empty(args.padded_vocab_size, args.dim))
+
+    def forward(self, h: Tensor, targets: Optional[Tensor] = None) -> Tensor:
+        logits = F.linear(h, self.weight)[..., : self.vocab_size]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if self.softcap > 0:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+        return loss.view(targets.shape)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        nn.init.normal_(self.weight, std=self.init_std)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -85,7 +112,7 @@ class Transformer(nn.Module):
         lrt = args.lrt
         self.feedback = FeedbackProjection(args) if lrt.enabled and lrt.kv_feedback else None
         self.layers = nn.ModuleList(Block(args, layer) for layer in range(args.n_layers))
-        self.lm_head = nn.Linear(args.dim, args.padded_vocab_size, bias=False)
+        self.lm_head = LMHead(args)
         self.injected = frozenset(args.injected_layers())
         self.source_layer = args.source_layer_index
         cos, sin = rope_tables(args.max_seq_len, args.head_dim, args.rope_base)
@@ -103,7 +130,7 @@ class Transformer(nn.Module):
         """Initialise every parameter and buffer (also after building on the meta device)."""
         self.init_buffers(buffer_device)
         nn.init.normal_(self.tok_embeddings.weight, std=1.0)
-        nn.init.normal_(self.lm_head.weight, std=self.args.head_init_std)
+        self.lm_head.init_weights()
         for layer in self.layers:
             layer.init_weights()
         if self.feedback is not None:
@@ -131,8 +158,8 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(n, device=tokens.device)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        x = rms_norm(self.tok_embeddings(tokens))
-        x0 = x
+        x0 = rms_norm(self.tok_embeddings(tokens))
+        x = x0.clone()  # not an alias of x0: every layer sees the same input structure (one compiled graph)
         feedback = self.feedback(memory) if memory is not None and self.feedback is not None else {}
 
         states, kvs, gate_means = None, [], []
@@ -147,14 +174,6 @@ class Transformer(nn.Module):
             if i == self.source_layer:
                 states = rms_norm(x)
         h = states if self.source_layer == len(self.layers) - 1 else rms_norm(x)
-        logits = self.lm_head(h)[..., : self.args.vocab_size]
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        if self.args.logit_softcap > 0:
-            cap = self.args.logit_softcap
-            logits = cap * torch.tanh(logits / cap)
         if targets is None:
-            return PassOutput(states, kvs, gate_means, logits=logits)
-        token_loss = F.cross_entropy(
-            logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-        ).view(B, n)
-        return PassOutput(states, kvs, gate_means, token_loss=token_loss)
+            return PassOutput(states, kvs, gate_means, logits=self.lm_head(h))
+        return PassOutput(states, kvs, gate_means, token_loss=self.lm_head(h, targets))

@@ -1,0 +1,129 @@
+"""Loading a checkpoint written by the trainer, and the evaluation command end to end."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_args as trainer_args
+from titan_lrt.config import load_config
+from titan_lrt.data.tokenizer import Tokenizer
+from titan_lrt.eval.cli import main as eval_main
+from titan_lrt.eval.loading import load_model
+from titan_lrt.model.schedule import run_schedule
+from titan_lrt.preemption import StopRequest
+from titan_lrt.train import Trainer
+
+BUNDLE = Path(__file__).parent / "data" / "core_bundle"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are all per-op overhead: one thread is faster, and immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(small_data, tmp_path_factory):
+    """Two training steps of the tiny LRT; returns the trainer and its step folder."""
+    dump = tmp_path_factory.mktemp("run")
+    config, _ = load_config(trainer_args(small_data, dump, "--training.steps=2", "--checkpoint.interval=2"))
+    trainer = Trainer(config)
+    trainer.train(StopRequest())
+    return trainer, dump / "checkpoints" / "step-00000002"
+
+
+def test_loading_a_trainer_checkpoint_gives_the_saved_models_logits(trained):
+    trainer, step_folder = trained
+    loaded = load_model(step_folder)
+    assert loaded.step == 2 and not loaded.model.training
+    assert loaded.tokenizer.vocab_size == trainer.tokenizer.vocab_size
+    assert loaded.config.lrt.num_subsets == 2
+    tokens = torch.randint(1, trainer.tokenizer.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = run_schedule(trainer.model, tokens).logits
+        got = run_schedule(loaded.model, tokens).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert load_model(step_folder.parent.parent).path == step_folder  # the run folder: its newest step
+
+
+def test_a_relative_tokenizer_path_is_found_above_the_checkpoint(trained, tmp_path, monkeypatch):
+    """A run started in a project folder names its tokenizer relative to it; evaluating from
+    elsewhere still finds it, in a folder above the checkpoint."""
+    trainer, step_folder = trained
+    project = tmp_path / "project"
+    copy = project / "outputs" / "run" / "checkpoints" / step_folder.name
+    shutil.copytree(step_folder, copy)
+    shutil.copy(trainer.config.model.tokenizer_path, project / "tok.json")
+    config = copy / "config.toml"
+    config.write_text(config.read_text().replace(trainer.config.model.tokenizer_path, "tok.json"))
+    marker = json.loads((copy / "complete.json").read_text())
+    marker["files"]["config.toml"] = config.stat().st_size
+    (copy / "complete.json").write_text(json.dumps(marker))
+    monkeypatch.chdir(tmp_path)
+    assert load_model(copy).tokenizer.vocab_size == trainer.tokenizer.vocab_size
+
+
+def test_loading_errors_name_the_problem(trained, tmp_path):
+    _, step_folder = trained
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        load_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        load_model(step_folder, tokenizer_path=tmp_path / "missing.json")
+
+
+def test_evaluate_command_end_to_end(trained, tmp_path, capsys):
+    _, step_folder = trained
+    out = tmp_path / "eval.json"
+    code = eval_main([
+        "--checkpoint", str(step_folder), "--batches", "2", "--batch-size", "2", "--seq-len", "32",
+        "--exact-sequences", "3", "--icl", "--icl-examples", "4", "--core", str(BUNDLE),
+        "--core-max-per-task", "2", "--no-progress", "--json", str(out),
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for text in ("bits per byte", "merged - exact", "evaluation speed", "in-context learning", "CORE"):
+        assert text in printed, text
+    report = json.loads(out.read_text())
+    assert report["step"] == 2
+    scores = report["bpb"]["scores"]
+    assert set(scores) == {"merged", "pass0", "pass1", "pass2", "zero", "exact", "merged_on_exact_sample"}
+    assert scores["zero"]["bpb"] == pytest.approx(scores["pass0"]["bpb"], rel=1e-5)
+    assert [b["positions"] for b in scores["merged"]["buckets"]] == ["0-31"]
+    assert report["bpb"]["merged_minus_exact"] == pytest.approx(
+        scores["merged_on_exact_sample"]["bpb"] - scores["exact"]["bpb"]
+    )
+    assert report["bpb"]["throughput"]["exact"]["tokens"] == 3 * 32
+    assert set(report["icl"]["tasks"]) == {"recall", "copy", "mapping"}
+    assert set(report["icl"]["tasks"]["copy"]) == {"exact", "zero", "schedule"}
+    assert len(report["core"]["tasks"]) == 5 and -1 <= report["core"]["core"] <= 1
+
+
+def test_evaluate_command_reports_bad_input_without_a_traceback(trained, tmp_path, capsys):
+    _, step_folder = trained
+    assert eval_main(["--checkpoint", str(step_folder), "--modes", "none", "--core", str(tmp_path)]) == 2
+    assert "no core.yaml" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_main(["--checkpoint", str(step_folder), "--modes", "merged,fast"])
+    assert "allowed a comma-separated list" in capsys.readouterr().err
+
+
+def test_a_run_folder_carries_its_tokenizer(small_data, tmp_path):
+    """A run stays loadable after the tokenizer it was trained with is gone: the trainer keeps a copy."""
+    corpus, tokenizer = small_data
+    private = tmp_path / "private_tokenizer.json"
+    shutil.copyfile(tokenizer, private)
+    dump = tmp_path / "run"
+    config, _ = load_config(trainer_args((corpus, private), dump, "--training.steps=2", "--checkpoint.interval=2"))
+    Trainer(config).train(StopRequest())
+    assert (dump / "tokenizer.json").read_bytes() == private.read_bytes()
+    private.unlink()
+    loaded = load_model(dump)
+    assert loaded.tokenizer.vocab_size == Tokenizer.from_file(tokenizer).vocab_size

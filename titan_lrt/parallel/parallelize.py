@@ -1,0 +1,34 @@
+"""Apply float8, activation checkpointing, torch.compile and FSDP to a model, in
+that order (each wraps what the previous one produced), on the meta device."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from titan_lrt.model.transformer import Transformer
+from titan_lrt.parallel.activation_checkpoint import apply_activation_checkpointing
+from titan_lrt.parallel.compile import apply_compile
+from titan_lrt.parallel.float8 import apply_float8
+from titan_lrt.parallel.fsdp import apply_fsdp, build_dp_mesh
+
+logger = logging.getLogger("titan_lrt")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parallelize(model: Transformer, config, device: torch.device, world_size: int, compute_dtype: torch.dtype) -> None:
+    """config: the run's Config (sections float8, activation_checkpoint, compile, parallelism)."""
+    fsdp = world_size > 1
+    if config.float8.enable:
+        converted = apply_float8(model, config.float8.recipe_name, config.float8.emulate, fsdp)
+        logger.info(f"float8 ({config.float8.recipe_name}{', emulated' if config.float8.emulate else ''}): "
+                    f"{len(converted)} linears")
+    apply_activation_checkpointing(model, config.activation_checkpoint.mode, config.activation_checkpoint.selective_ac_option)
+    if config.compile.enable:
+        apply_compile(model)
+    if fsdp:
+        p = config.parallelism
+        mesh = build_dp_mesh(device.type, world_size, p.data_parallel_replicate_degree)
+        apply_fsdp(model, mesh, compute_dtype, DTYPES[p.mixed_precision_reduce], p.fsdp_reshard_after_forward)
