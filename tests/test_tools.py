@@ -15,6 +15,7 @@ from titan_lrt.export import ModelFiles, load_exported, load_pretrained, read_mo
 from titan_lrt.model.args import LRTArgs, ModelArgs
 from titan_lrt.model.decoding import generate_tokens
 from titan_lrt.model.transformer import Transformer
+from titan_lrt.preemption import StopRequest
 from titan_lrt.train import Trainer
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
@@ -45,7 +46,7 @@ def trained(small_data, tmp_path_factory):
                                       "--eval.exact_sequences=1"))
     trainer = Trainer(config)
     trainer.resume()
-    trainer.train()
+    trainer.train(StopRequest())
     return dump, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
