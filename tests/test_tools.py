@@ -2,6 +2,7 @@
 
 import importlib.util
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -202,3 +203,19 @@ def test_plot_runs_writes_pngs_from_real_and_sparse_logs(trained, tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert tool("plot_runs").main([str(sparse), "--out", str(tmp_path / "only_sparse")]) == 0
     assert sorted(p.name for p in (tmp_path / "only_sparse").iterdir()) == ["loss.png"]
+
+
+def test_an_exported_model_evaluates_like_its_checkpoint(trained, tmp_path, capsys):
+    """The evaluation command reads an exported folder and gives the checkpoint's numbers."""
+    from titan_lrt.eval.cli import main as eval_main
+
+    dump, _ = trained
+    write_exported_folder(read_model_files(dump), tmp_path / "exported")
+    reports = {}
+    for name, model in (("dcp", dump), ("exported", tmp_path / "exported")):
+        out = tmp_path / f"{name}.json"
+        assert eval_main(["--checkpoint", str(model), "--data", "stdlib", "--batches", "1", "--batch-size", "2",
+                          "--seq-len", "32", "--modes", "merged,zero", "--no-progress", "--json", str(out)]) == 0
+        reports[name] = json.loads(out.read_text())["bpb"]["scores"]
+    capsys.readouterr()
+    assert reports["exported"] == reports["dcp"]

@@ -33,8 +33,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from titan_lrt.checkpoint import MARKER, MODEL, checkpoint_problem
-from titan_lrt.config import MODEL_OVERRIDES, Config, load_config
+from titan_lrt.checkpoint import MARKER, MODEL, RUN_TOKENIZER, checkpoint_problem
+from titan_lrt.config import MODEL_OVERRIDES, Config, ConfigError, load_config
 from titan_lrt.data.tokenizer import Tokenizer
 from titan_lrt.model.args import LRTArgs, ModelArgs
 from titan_lrt.model.transformer import Transformer
@@ -61,6 +61,15 @@ class ModelFiles:
     """The document-start token (the model's `bos_token_id`)."""
     source: str = ""
     """Where the weights came from (for people reading config.json)."""
+    step: Optional[int] = None
+    """Training step of a DCP checkpoint (None for exported models)."""
+    run_config: Optional[Config] = None
+    """The run's resolved config, for a DCP checkpoint (seq_len, data, ... as trained)."""
+
+    def training_config(self) -> Config:
+        """The run's config, or for an exported model a default config with this model's
+        arguments (what evaluation needs: model, lrt, training.seq_len)."""
+        return self.run_config if self.run_config is not None else model_config(self.args, self.source)
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer(tokenizers.Tokenizer.from_str(self.tokenizer_json), bos_token=self.bos_token, name=self.source)
@@ -69,7 +78,7 @@ class ModelFiles:
         """The model in eval mode, with these weights (no copy on the CPU)."""
         with torch.device("meta"):
             model = Transformer(self.args)
-        _check_weights(model, self.state_dict, self.source)
+        _check_weights(model.state_dict(), self.state_dict, self.source)
         model.load_state_dict(self.state_dict, strict=True, assign=True)
         model.init_buffers(torch.device(device))
         return model.to(device).eval()
@@ -135,23 +144,33 @@ def read_exported(path: str | os.PathLike) -> ModelFiles:
 
 def read_checkpoint(path: str | os.PathLike, tokenizer_path: Optional[str | os.PathLike] = None) -> ModelFiles:
     """Read the model of a DCP checkpoint; the model arguments come from the run's config.toml
-    in the step folder and the tokenizer (see `checkpoint_tokenizer`)."""
+    in the step folder and the tokenizer (see `checkpoint_tokenizer`). Only the `model.*`
+    keys are read, not the optimizer or data-loader states."""
     folder = find_checkpoint(path)
     config_file = folder / RUN_CONFIG_FILE
     if not config_file.is_file():
-        raise FileNotFoundError(f"{folder} has no {RUN_CONFIG_FILE}: cannot tell the model's arguments")
-    config, _ = load_config(["--config", str(config_file)])
+        raise FileNotFoundError(f"{folder} has no {RUN_CONFIG_FILE}: cannot tell the model's arguments "
+                                "(the trainer writes the run's config into every step folder)")
+    try:
+        config, _ = load_config(["--config", str(config_file)])
+    except ConfigError as err:
+        raise ValueError(f"{config_file}: {err}") from None
     tokenizer_file = checkpoint_tokenizer(folder, config, tokenizer_path)
     tokenizer = Tokenizer.from_file(tokenizer_file)
+    args = config.model_args(tokenizer.vocab_size, tokenizer.bos_id)
+    with torch.device("meta"):
+        expected = Transformer(args).state_dict()
+    _check_saved_keys(folder, expected)
     files = ModelFiles(
         state_dict=_read_dcp_model(folder),
-        args=config.model_args(tokenizer.vocab_size, tokenizer.bos_id),
+        args=args,
         tokenizer_json=tokenizer_file.read_text(),
         bos_token=tokenizer.bos_token,
         source=str(folder),
+        step=json.loads((folder / MARKER).read_text()).get("step"),
+        run_config=config,
     )
-    with torch.device("meta"):
-        _check_weights(Transformer(files.args), files.state_dict, str(folder))
+    _check_weights(expected, files.state_dict, str(folder))
     return files
 
 
@@ -159,7 +178,8 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     """A complete DCP step folder: `path` itself, else the newest one in `path` or `path/checkpoints`."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no model at {str(path)!r}: it does not exist")
+        raise FileNotFoundError(f"no model at {str(path)!r}: it does not exist; give a checkpoint step folder "
+                                "(…/checkpoints/step-N), a run folder, or an exported model")
     if (path / ".metadata").is_file():
         problem = checkpoint_problem(path)
         if problem is not None:
@@ -171,24 +191,33 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
             if complete:
                 return complete[-1]
     raise FileNotFoundError(
-        f"no model at {str(path)!r}: expected a DCP step folder (with .metadata), a folder holding complete "
+        f"{str(path)!r} holds no complete checkpoint or exported model: expected a DCP step folder (with .metadata), a folder holding complete "
         f"step-N folders (a run's checkpoints/ or its dump folder), an exported folder with {WEIGHTS_FILE}, "
         "or an exported torch file"
     )
 
 
 def checkpoint_tokenizer(folder: Path, config: Config, tokenizer_path: Optional[str | os.PathLike]) -> Path:
-    """The tokenizer of a checkpoint: the given path, else a tokenizer.json inside the step folder
-    (converted checkpoints carry one), else the run's model.tokenizer_path."""
-    candidates = [Path(tokenizer_path)] if tokenizer_path is not None else [
-        folder / TOKENIZER_FILE,
-        Path(config.model.tokenizer_path),
-    ]
+    """The tokenizer of a checkpoint: the given path; else a tokenizer.json in the step folder
+    (converted checkpoints carry one); else the run's model.tokenizer_path as written (relative
+    to the working directory) or relative to a folder above the checkpoint (the run's working
+    directory); else the copy the trainer keeps in its dump folder."""
+    if tokenizer_path is not None:
+        if not Path(tokenizer_path).is_file():
+            raise FileNotFoundError(f"tokenizer {str(tokenizer_path)!r} does not exist")
+        return Path(tokenizer_path)
+    written = Path(config.model.tokenizer_path)
+    above = folder.resolve().parents
+    candidates = [folder / TOKENIZER_FILE, written]
+    if not written.is_absolute():
+        candidates += [p / written for p in above]
+    candidates += [p / RUN_TOKENIZER for p in above]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
-        f"no tokenizer for checkpoint {folder}: tried {', '.join(str(c) for c in candidates)}; "
+        f"no tokenizer for checkpoint {folder}: the run's model.tokenizer_path={str(written)!r} is not found "
+        "(tried the working directory, the folders above the checkpoint and the run folder's copy); "
         "give the run's tokenizer.json (--tokenizer PATH)"
     )
 
@@ -239,7 +268,9 @@ def write_checkpoint(files: ModelFiles, folder: str | os.PathLike) -> Path:
     dcp.save({MODEL: dict(files.state_dict)}, checkpoint_id=str(folder), no_dist=True)
     tokenizer_file = folder / TOKENIZER_FILE
     tokenizer_file.write_text(files.tokenizer_json)
-    (folder / RUN_CONFIG_FILE).write_text(_run_config(files, tokenizer_file.resolve()))
+    config = model_config(files.args, files.source)
+    config.model.tokenizer_path = str(tokenizer_file.resolve())
+    (folder / RUN_CONFIG_FILE).write_text(config.to_toml())
     sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir())}
     marker = {"step": 0, "world_size": 1, "files": sizes, "saved_at": time.time()}
     (folder / MARKER).write_text(json.dumps(marker, indent=1))
@@ -282,30 +313,40 @@ def _read_dcp_model(folder: Path) -> dict[str, Tensor]:
     return state
 
 
-def _check_weights(model: Transformer, state_dict: dict[str, Tensor], source: str) -> None:
+def _check_weights(expected: dict[str, Tensor], state_dict: dict[str, Tensor], source: str) -> None:
     """Fail with the first key or shape that does not fit the model built from the arguments."""
-    expected = model.state_dict()
     for key, tensor in expected.items():
         if key not in state_dict:
             raise ValueError(f"{source}: weight {key!r} of shape {tuple(tensor.shape)} is missing")
         if tuple(state_dict[key].shape) != tuple(tensor.shape):
             raise ValueError(f"{source}: weight {key!r} has shape {tuple(state_dict[key].shape)}, "
-                             f"the model arguments give {tuple(tensor.shape)}")
+                             f"the model arguments give {tuple(tensor.shape)} (wrong tokenizer or config?)")
     extra = sorted(set(state_dict) - set(expected))
     if extra:
         raise ValueError(f"{source}: weight {extra[0]!r} ({len(extra)} such in all) is not in the model")
 
 
-def _run_config(files: ModelFiles, tokenizer_file: Path) -> str:
-    """A config.toml whose `Config.model_args(tokenizer)` gives back exactly `files.args`."""
+def _check_saved_keys(folder: Path, expected: dict[str, Tensor]) -> None:
+    """The same check on the DCP metadata alone, before any tensor data is read."""
+    metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+    prefix = MODEL + "."
+    saved = {
+        key[len(prefix):]: torch.empty(md.size, device="meta")
+        for key, md in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(md, TensorStorageMetadata)
+    }
+    _check_weights(expected, saved, f"checkpoint {folder} (against its {RUN_CONFIG_FILE})")
+
+
+def model_config(args: ModelArgs, source: str) -> Config:
+    """A config whose `Config.model_args(vocab_size, bos)` gives back exactly `args`."""
     config = Config()
-    config.job.description = f"converted from {files.source}"
-    config.model.tokenizer_path = str(tokenizer_file)
-    config.model.vocab_size = files.args.vocab_size
-    config.model.overrides = {name: getattr(files.args, name) for name in MODEL_OVERRIDES}
-    config.lrt = dataclasses.replace(files.args.lrt)
-    config.training.seq_len = files.args.max_seq_len
-    return config.to_toml()
+    config.job.description = f"converted from {source}"
+    config.model.vocab_size = args.vocab_size
+    config.model.overrides = {name: getattr(args, name) for name in MODEL_OVERRIDES}
+    config.lrt = dataclasses.replace(args.lrt)
+    config.training.seq_len = args.max_seq_len
+    return config
 
 
 def _new_output(path: str | os.PathLike, is_dir: bool) -> Path:
