@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -61,7 +62,8 @@ def peak_memory(fn, model) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-    resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in [*model.parameters(), *model.buffers()]]
+    resident = sum(t.numel() * t.element_size() for t in local)  # FSDP: this rank's shards
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     with tempfile.TemporaryDirectory() as tmp:
