@@ -1,12 +1,14 @@
 """Config: TOML + CLI overrides, and one clear message for every bad key or value."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
 
 from titan_lrt.config import ConfigError, config_reference, load_config
 
-CONFIGS = sorted((Path(__file__).parent.parent / "train_configs").glob("*.toml"))
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "train_configs").glob("*.toml"))
 
 
 def test_cli_overrides_in_both_spellings_booleans_and_lists(tmp_path):
@@ -84,3 +86,12 @@ def test_every_key_is_documented():
         if line.startswith("| `"):
             assert not line.rstrip().endswith("|  |"), f"undocumented key: {line}"
     assert "`num_subsets`" in reference and "`dump_folder`" in reference
+
+
+def test_readme_config_reference_is_current():
+    """README's reference block is what tools/config_reference.py generates from the dataclasses."""
+    spec = importlib.util.spec_from_file_location("config_reference_tool", ROOT / "tools" / "config_reference.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    readme = (ROOT / "README.md").read_text()
+    assert tool.render_readme(readme) == readme, "run: python tools/config_reference.py --write"

@@ -73,7 +73,7 @@ def test_loading_errors_name_the_problem(trained, tmp_path):
     _, step_folder = trained
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
         load_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         load_model(step_folder, tokenizer_path=tmp_path / "missing.json")

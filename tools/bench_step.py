@@ -3,7 +3,10 @@
 For each setting (eager or compiled, activation checkpointing, float8) the
 variants run in alternation, one step each per round, so that the noise of a
 shared machine hits them alike; the ratios to the first variant are the numbers
-to read. Peak memory is measured on a separate, untimed step.
+to read. "ratio" divides median wall times; "cpu ratio" divides median process
+CPU times (all threads), which a busy machine disturbs less: where the two
+disagree, the machine was not quiet. Peak memory is measured on a separate,
+untimed step.
 
     python tools/bench_step.py                                   # reference config, eager, fp32
     python tools/bench_step.py --compile both --ac none full op  # the CPU matrix of BENCHMARKS.md
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -43,6 +47,7 @@ VARIANTS = {
     "s4": dict(mode="interleaved", num_subsets=4),
     "s2_refresh": dict(mode="interleaved", num_subsets=2, kv_refresh=True),
     "s2_detach": dict(mode="interleaved", num_subsets=2, detach_buffer=True),
+    "s2_no_kv_feedback": dict(mode="interleaved", num_subsets=2, kv_feedback=False),  # ablation: residual path only
     "jacobi2": dict(mode="jacobi", jacobi_passes=2),
 }
 AC = {"none": ("none", "op"), "full": ("full", "op"), "op": ("selective", "op"), "every2": ("selective", "2")}
@@ -61,7 +66,8 @@ def peak_memory(fn, model) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-    resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in [*model.parameters(), *model.buffers()]]
+    resident = sum(t.numel() * t.element_size() for t in local)  # FSDP: this rank's shards
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,15 +118,17 @@ def run_setting(a, device, compiled: bool, ac: str, float8: bool) -> list[dict]:
         for _ in range(a.warmup):
             step(model)
     times = {v: [] for v in models}
+    cpu_times = {v: [] for v in models}
     faults = {v: 0 for v in models}
     for _ in range(a.rounds):
         for v, model in models.items():
             sync()
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step(model)
             sync()
             times[v].append(time.perf_counter() - t0)
+            cpu_times[v].append(time.process_time() - c0)
             faults[v] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     rows = []
     base = a.variants[0]
@@ -135,6 +143,7 @@ def run_setting(a, device, compiled: bool, ac: str, float8: bool) -> list[dict]:
             "median_s": median,
             "min_s": min(times[v]),
             "ratio": median / statistics.median(times[base]),
+            "cpu_ratio": statistics.median(cpu_times[v]) / statistics.median(cpu_times[base]),
             "flop_ratio": flops.total / step_flops(models[base].args, a.seq_len).total,
             "tokens_per_s": tokens_per_s,
             "mfu_pct": 100 * tokens_per_s * flops.total / peak_flops if peak_flops else None,
@@ -186,13 +195,13 @@ def main() -> None:
 
 def print_rows(rows: list[dict]) -> None:
     print(f"\n{rows[0]['setting']}")
-    header = (f"{'variant':<12}{'median s':>10}{'min s':>8}{'ratio':>8}{'flops':>8}{'tok/s':>10}"
-              f"{'mfu %':>7}{'peak MiB':>10}{'mem ratio':>11}{'faults':>9}")
+    header = (f"{'variant':<18}{'median s':>10}{'min s':>8}{'ratio':>8}{'flops':>8}{'tok/s':>10}"
+              f"{'mfu %':>7}{'cpu ratio':>10}{'peak MiB':>10}{'mem ratio':>11}{'faults':>9}")
     print(header)
     for r in rows:
         mfu = f"{r['mfu_pct']:.1f}" if r["mfu_pct"] is not None else "-"
-        print(f"{r['variant']:<12}{r['median_s']:>10.3f}{r['min_s']:>8.3f}{r['ratio']:>8.3f}{r['flop_ratio']:>8.3f}"
-              f"{r['tokens_per_s']:>10,.0f}{mfu:>7}{r['peak_mib']:>10.1f}{r['mem_ratio']:>11.3f}"
+        print(f"{r['variant']:<18}{r['median_s']:>10.3f}{r['min_s']:>8.3f}{r['ratio']:>8.3f}{r['flop_ratio']:>8.3f}"
+              f"{r['tokens_per_s']:>10,.0f}{mfu:>7}{r['cpu_ratio']:>10.3f}{r['peak_mib']:>10.1f}{r['mem_ratio']:>11.3f}"
               f"{r['faults_per_step']:>9.0f}")
     sys.stdout.flush()
 

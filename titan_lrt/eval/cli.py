@@ -30,8 +30,8 @@ from titan_lrt.eval.report import format_report
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m titan_lrt.eval", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="checkpoint step folder (…/checkpoints/step-N), or a folder of them (newest)")
-    p.add_argument("--tokenizer", help="tokenizer.json (default: the run config's model.tokenizer_path)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint step folder (…/checkpoints/step-N), a folder of them or a run folder (newest), or an exported model (folder or .pt)")
+    p.add_argument("--tokenizer", help="tokenizer.json of a DCP checkpoint (default: the run's, see titan_lrt.export.checkpoint_tokenizer)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="autocast dtype of the forward passes")
     p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's; 1 is fastest for small models on a busy machine)")
