@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -179,6 +180,9 @@ def main() -> None:
     a = p.parse_args()
 
     device = torch.device(a.device)
+    # All variants' blocks share one code object, so their graphs add up against dynamo's
+    # per-code recompile limit (the trainer holds one model and sets its own).
+    torch._dynamo.config.recompile_limit = 64
     if device.type == "cpu":
         keep_freed_memory()
     size = f"depth {a.depth}" if a.depth else f"dim {a.dim}, layers {a.n_layers}, heads {a.n_heads}"
