@@ -127,7 +127,7 @@ def test_preemption_warning_saves_requeues_and_resumes(slurm_cluster, small_data
         text, fields = job.text(), job.fields()
         assert fields["Restarts"] == "1", fields
         assert f"{nodes} node(s) x 1 trainer(s)" in text
-        assert f"on each of {nodes} ranks" in text
+        assert f"on each of {nodes} data-parallel ranks" in text
         assert f"requeueing job {job.id}" in text
         assert f"step {STEPS:6d}" in text
         assert STEPS in complete_checkpoints(dump)
