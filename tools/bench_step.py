@@ -175,10 +175,13 @@ def main() -> None:
     p.add_argument("--ac", nargs="+", default=["none"], choices=sorted(AC))
     p.add_argument("--float8", choices=["off", "on", "both"], default="off",
                    help="torchao float8 (emulated on CPU: measures numerics overhead, not speed)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="also write the rows as JSON to this file")
     a = p.parse_args()
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     # All variants' blocks share one code object, so their graphs add up against dynamo's
     # per-code recompile limit (the trainer holds one model and sets its own).
