@@ -30,7 +30,9 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError, TypeError):
         return False
-    settings = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 1 << 40, _M_ARENA_MAX: 1, _M_TOP_PAD: 1 << 28}
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int  # int mallopt(int, int)
+    # M_TRIM_THRESHOLD = -1 disables trimming (mallopt(3)); values must fit a C int.
+    settings = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: -1, _M_ARENA_MAX: 1, _M_TOP_PAD: 1 << 28}
     ok = all(mallopt(option, value) == 1 for option, value in settings.items())
     if not ok:
         logger.warning("could not tune glibc malloc; CPU steps may page-fault their working set")
