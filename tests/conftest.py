@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -21,6 +22,16 @@ def small_data(tmp_path_factory):
     return corpus, tokenizer
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are all per-op overhead: one thread is faster, and immune to a busy machine.
+    Modules of such tests use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_args(small_data, dump: Path, *extra: str) -> list[str]:
     corpus, tokenizer = small_data
     return [
@@ -35,6 +46,25 @@ def tiny_args(small_data, dump: Path, *extra: str) -> list[str]:
         "--metrics.log_freq=1", "--eval.interval=0", "--checkpoint.interval=1000",
         *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def trained_run(small_data, tmp_path_factory):
+    """One 2-step run of the tiny LRT (validation at step 2, checkpoint at step 2), shared by
+    the tests that load, evaluate, export or plot a trained model: (trainer, dump folder)."""
+    from titan_lrt.config import load_config
+    from titan_lrt.preemption import StopRequest
+    from titan_lrt.train import Trainer
+
+    dump = tmp_path_factory.mktemp("trained_run")
+    config, _ = load_config(tiny_args(small_data, dump, "--training.steps=2", "--checkpoint.interval=2",
+                                      "--eval.interval=2", "--eval.exact_sequences=1"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    trainer = Trainer(config)
+    trainer.train(StopRequest())
+    torch.set_num_threads(threads)
+    return trainer, dump
 
 
 def scalars(tb_folder: Path, tag: str) -> dict[int, float]:

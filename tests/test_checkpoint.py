@@ -33,7 +33,10 @@ from titan_lrt.optim import OptimizersContainer
 
 ARGS = ModelArgs()  # the debug shape: 2 layers, dim 64
 NUM_STREAMS = 4
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is:UserWarning")  # see checkpoint.py
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:torch.distributed is:UserWarning"),  # see checkpoint.py
+    pytest.mark.usefixtures("one_thread"),
+]
 
 LOADER_SETTINGS = {"num_streams": NUM_STREAMS, "seq_len": 16, "packing": "bos_aligned", "seed": 0}
 
@@ -138,15 +141,6 @@ def assert_equal(got, expected, where: str = "") -> None:
         assert torch.equal(got, expected), where
     else:
         assert got == expected, where
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tensors here are tiny: intra-op threads only add overhead (seconds on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def manager(folder: Path, run: Run, **settings) -> CheckpointManager:

@@ -15,13 +15,7 @@ TOL = dict(rel=1e-9, abs=1e-12)
 ALL_MODES = ("merged", "passes", "exact", "zero")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are all per-op overhead: one thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(lrt=None, T=12, batch=3, seed=0):

@@ -19,22 +19,13 @@ from titan_lrt.train import Trainer
 BUNDLE = Path(__file__).parent / "data" / "core_bundle"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are all per-op overhead: one thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def trained(small_data, tmp_path_factory):
-    """Two training steps of the tiny LRT; returns the trainer and its step folder."""
-    dump = tmp_path_factory.mktemp("run")
-    config, _ = load_config(trainer_args(small_data, dump, "--training.steps=2", "--checkpoint.interval=2"))
-    trainer = Trainer(config)
-    trainer.train(StopRequest())
+def trained(trained_run):
+    """The shared 2-step run: its trainer and its step folder."""
+    trainer, dump = trained_run
     return trainer, dump / "checkpoints" / "step-00000002"
 
 

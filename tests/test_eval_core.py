@@ -18,13 +18,7 @@ BUNDLE = Path(__file__).parent / "data" / "core_bundle"
 LABELS = ["capitals_mc", "opposites_mc", "referents_schema", "sequences_lm", "proverbs_lm"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are all per-op overhead: one thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ from titan_lrt.model.schedule import baseline
 ALPHABET = TaskAlphabet.from_vocab(vocab_size=61, bos_id=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are all per-op overhead: one thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def oracle(tokens):

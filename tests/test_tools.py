@@ -9,15 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_args
 from titan_lrt.checkpoint import CheckpointManager, ModelWrapper, checkpoint_problem
 from titan_lrt.config import load_config
 from titan_lrt.export import ModelFiles, load_exported, load_pretrained, read_model_files, write_exported_folder
 from titan_lrt.model.args import LRTArgs, ModelArgs
 from titan_lrt.model.decoding import generate_tokens
 from titan_lrt.model.transformer import Transformer
-from titan_lrt.preemption import StopRequest
-from titan_lrt.train import Trainer
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
@@ -30,24 +27,13 @@ def tool(name: str):
     return module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast, and does not stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def trained(small_data, tmp_path_factory):
-    """A 2-step LRT run with validation: its dump folder and the trainer's final weights."""
-    dump = tmp_path_factory.mktemp("run")
-    config, _ = load_config(tiny_args(small_data, dump, "--training.steps=2", "--eval.interval=2",
-                                      "--eval.exact_sequences=1"))
-    trainer = Trainer(config)
-    trainer.resume()
-    trainer.train(StopRequest())
+def trained(trained_run):
+    """The shared 2-step run (with validation): its dump folder and the trainer's final weights."""
+    trainer, dump = trained_run
     return dump, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
