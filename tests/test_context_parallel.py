@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import scalars, tiny_args
-from test_distributed import final_params, torchrun
+from test_distributed import final_params, run_cache, torchrun
 
 from titan_lrt.config import ConfigError, load_config
 from titan_lrt.parallel.fsdp import check_mesh_degrees
@@ -96,18 +96,7 @@ def cp_args(small_data, dump, nproc, *extra):
 
 @pytest.fixture(scope="module")
 def runs(small_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("cp_runs")
-    made = {}
-
-    def get(name, nproc, *extra):
-        if name not in made:
-            dump = root / name
-            out = torchrun(nproc, cp_args(small_data, dump, nproc, *extra))
-            assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-            made[name] = dump
-        return made[name]
-
-    return get
+    return run_cache(tmp_path_factory.mktemp("cp_runs"), lambda dump, nproc, *extra: cp_args(small_data, dump, nproc, *extra))
 
 
 SCHEDULES = {

@@ -51,21 +51,25 @@ def assert_same_run(a: Path, b: Path, steps=range(1, STEPS + 1), tol=1e-5, param
             torch.testing.assert_close(pb[k], pa[k], rtol=tol, atol=tol, msg=k)
 
 
-@pytest.fixture(scope="module")
-def runs(small_data, tmp_path_factory):
-    """Runs shared by several tests, made once: {name: dump folder}."""
-    root = tmp_path_factory.mktemp("dp")
+def run_cache(root: Path, make_args):
+    """get(name, nproc, *extra) -> the dump folder of a successful torchrun run, made once per
+    name with make_args(dump, nproc, *extra) (runs shared by several tests)."""
     made = {}
 
     def get(name, nproc, *extra):
         if name not in made:
             dump = root / name
-            out = torchrun(nproc, dp_args(small_data, dump, nproc, *extra))
+            out = torchrun(nproc, make_args(dump, nproc, *extra))
             assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
             made[name] = dump
         return made[name]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def runs(small_data, tmp_path_factory):
+    return run_cache(tmp_path_factory.mktemp("dp"), lambda dump, nproc, *extra: dp_args(small_data, dump, nproc, *extra))
 
 
 @pytest.mark.parametrize("schedule", [
