@@ -174,6 +174,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---- folders ------------------------------------------------------------------------------
 
 
+def step_folders(folder: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every `step-N*` entry in `folder` (complete or not), highest step first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_FOLDER.fullmatch(p.name))]
+    return sorted(found, key=lambda item: (item[0], item[1].name), reverse=True)
+
+
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """Why `path` is not a complete checkpoint, or None when it is one."""
     path = Path(path)
@@ -423,11 +432,7 @@ class CheckpointManager:
     # ---- finding checkpoints ------------------------------------------------------------
 
     def _step_folders(self) -> list[tuple[int, Path]]:
-        """(step, path) of every `step-N*` entry in the folder, highest step first."""
-        if not self.folder.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := _STEP_FOLDER.fullmatch(p.name))]
-        return sorted(found, key=lambda item: (item[0], item[1].name), reverse=True)
+        return step_folders(self.folder)
 
     def _complete_steps(self) -> list[int]:
         """Steps of the complete checkpoints, ascending."""

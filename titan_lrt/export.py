@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from titan_lrt.checkpoint import MARKER, MODEL, RUN_TOKENIZER, checkpoint_problem
+from titan_lrt.checkpoint import MARKER, MODEL, RUN_TOKENIZER, checkpoint_problem, step_folders
 from titan_lrt.config import MODEL_OVERRIDES, Config, ConfigError, load_config
 from titan_lrt.data.tokenizer import Tokenizer
 from titan_lrt.model.args import LRTArgs, ModelArgs
@@ -186,10 +186,9 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
             raise ValueError(f"{path} is not a complete checkpoint: {problem}")
         return path
     for folder in (path, path / "checkpoints"):
-        if folder.is_dir():
-            complete = sorted(p for p in folder.glob("step-*") if checkpoint_problem(p) is None)
-            if complete:
-                return complete[-1]
+        for _, step_folder in step_folders(folder):  # newest first
+            if checkpoint_problem(step_folder) is None:
+                return step_folder
     raise FileNotFoundError(
         f"{str(path)!r} holds no complete checkpoint or exported model: expected a DCP step folder (with .metadata), a folder holding complete "
         f"step-N folders (a run's checkpoints/ or its dump folder), an exported folder with {WEIGHTS_FILE}, "
