@@ -74,7 +74,7 @@ class Trainer:
         self.cp = ContextParallel(mesh["cp"].get_group()) if cp > 1 else None
         f8 = config.float8
         self.float8_fsdp_scales = f8.enable and self.fsdp and f8.recipe_name == "tensorwise"
-        self.optimizers = build_optimizers(self.model, **_optimizer_kwargs(config))
+        self.optimizers = build_optimizers(self.model, **vars(config.optimizer))
         self.lr_schedulers = build_lr_schedulers(self.optimizers, steps=t.steps, **vars(config.lr_scheduler))
 
         dp = self.dp_degree
@@ -380,10 +380,6 @@ def _lrt_statistics(model: Transformer, results: list[StepResult]) -> dict[str, 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _optimizer_kwargs(config: Config) -> dict:
-    return vars(config.optimizer)
 
 
 def _compute_dtype(choice: str, device: torch.device) -> torch.dtype:

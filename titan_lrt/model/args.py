@@ -278,8 +278,3 @@ FLAVORS: dict[str, ModelArgs] = {
 depth sizing (value embeddings on every layer, as the paper's LRT uses them);
 `d20` is the paper's 1.3B setting."""
 
-
-def flavor(name: str, **overrides) -> ModelArgs:
-    if name not in FLAVORS:
-        raise ValueError(f"model.flavor={name!r}: allowed {sorted(FLAVORS)}")
-    return FLAVORS[name].replace(**overrides)
