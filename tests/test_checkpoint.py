@@ -26,6 +26,7 @@ from titan_lrt.checkpoint import (
     PerRankWrapper,
     TrainState,
 )
+from titan_lrt.config import ConfigError, load_config
 from titan_lrt.data.loader import merge_loader_states
 from titan_lrt.model.args import LRTArgs, ModelArgs
 from titan_lrt.model.transformer import Transformer
@@ -143,8 +144,12 @@ def assert_equal(got, expected, where: str = "") -> None:
         assert got == expected, where
 
 
+SETTINGS = dict(interval=1, keep_latest_k=0, async_mode="disabled", load="latest", initial_load_path=None)
+"""CheckpointManager's config-owned arguments (it has no defaults for them) as these tests use them."""
+
+
 def manager(folder: Path, run: Run, **settings) -> CheckpointManager:
-    return CheckpointManager(folder, run.states(), **{"interval": 1, **settings})
+    return CheckpointManager(folder, run.states(), **{**SETTINGS, **settings})
 
 
 def step_folders(folder: Path) -> list[str]:
@@ -319,14 +324,17 @@ def test_bad_settings_and_paths_fail_early_with_clear_errors(tmp_path):
         manager(tmp_path / "new", run, initial_load_path=tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match=r"load\(step\)=.*step-00000005.*does not exist"):
         manager(tmp_path, run).load(step=5)
-    with pytest.raises(ValueError, match=r"async_mode='threads': allowed \('disabled', 'async', 'async_process'\)"):
-        manager(tmp_path, run, async_mode="threads")
+    # settings are checked where the config is loaded, before any checkpoint work
+    with pytest.raises(ConfigError, match=r"async_mode='threads'.*; allowed: disabled, async, async_process"):
+        load_config(["--checkpoint.async_mode=threads"])
     with pytest.raises(ValueError, match="async_process' needs torch.distributed"):
         manager(tmp_path, run, async_mode="async_process")
-    with pytest.raises(ValueError, match="checkpoint.interval must be an integer >= 1, got 0"):
-        manager(tmp_path, run, interval=0)
+    with pytest.raises(ConfigError, match="checkpoint.interval=0 must be >= 1"):
+        load_config(["--checkpoint.interval=0"])
+    with pytest.raises(ConfigError, match="checkpoint.keep_latest_k=-1 must be >= 0"):
+        load_config(["--checkpoint.keep_latest_k=-1"])
     with pytest.raises(ValueError, match="must include 'model'"):
-        CheckpointManager(tmp_path, {"optimizer": run.optimizer})
+        CheckpointManager(tmp_path, {"optimizer": run.optimizer}, **SETTINGS)
 
 
 @pytest.mark.parametrize(
@@ -373,7 +381,7 @@ def test_initial_load_takes_model_weights_only(tmp_path):
 
 def test_model_only_checkpoint_cannot_resume_everything(tmp_path):
     run = make_run(0)
-    CheckpointManager(tmp_path, {"model": ModelWrapper(run.model)}, interval=1).save(1)
+    CheckpointManager(tmp_path, {"model": ModelWrapper(run.model)}, **SETTINGS).save(1)
     with pytest.raises(ValueError, match=r"has no 'optimizer' state \(it holds: model\)"):
         manager(tmp_path, make_run(1)).load()
 

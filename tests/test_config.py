@@ -1,11 +1,27 @@
 """Config: TOML + CLI overrides, and one clear message for every bad key or value."""
 
+import dataclasses
 import importlib.util
+import inspect
 from pathlib import Path
 
 import pytest
 
-from titan_lrt.config import ConfigError, config_reference, load_config
+from titan_lrt import checkpoint, optim
+from titan_lrt.config import (
+    GRADIENT_SYNC,
+    NONFINITE_POLICIES,
+    SECTIONS,
+    Config,
+    ConfigError,
+    _check_allowed,
+    config_reference,
+    load_config,
+    validate,
+)
+from titan_lrt.data import loader, packing
+from titan_lrt.model import args as model_args
+from titan_lrt.parallel import activation_checkpoint, distributed, float8, fsdp, parallelize
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "train_configs").glob("*.toml"))
@@ -53,6 +69,11 @@ def test_resolved_config_reads_back_identically(tmp_path):
         (["--lrt.mode=interleaved", "--lrt.inject_layers=0,7"], "lrt.inject_layers='0,7'"),
         (["--training.global_batch_size=12"], "must be 0 or a multiple of training.local_batch_size=8"),
         (["--model.flavor=d13"], "model.flavor='d13': allowed"),
+        (["--data.num_workers=2"], "data.num_workers=2; allowed: 0, 1"),
+        (["--eval.steps=0"], "eval.steps=0 must be >= 1"),
+        (["--optimizer.lr=inf"], "optimizer.lr=inf must be a finite number >= 0"),
+        (["--lr_scheduler.decay_ratio=-0.5"], "lr_scheduler.decay_ratio=-0.5 must be in [0, 1]"),
+        (["--training.global_batch_size=-8"], "training.global_batch_size=-8 must be >= 0"),
         (["--config", "/nonexistent.toml"], "--config /nonexistent.toml: no such file"),
         (["positional"], "unexpected argument 'positional'"),
     ],
@@ -95,3 +116,97 @@ def test_readme_config_reference_is_current():
     spec.loader.exec_module(tool)
     readme = (ROOT / "README.md").read_text()
     assert tool.render_readme(readme) == readme, "run: python tools/config_reference.py --write"
+
+
+# ---- allowed values: one home each, checked once where the config loads --------------------
+
+MODULE_CHOICES = {
+    "training.mixed_precision": ("auto", *parallelize.DTYPES),  # "auto" is resolved by the trainer
+    "training.nonfinite": NONFINITE_POLICIES,  # the trainer's own (it imports the config)
+    "training.device": distributed.DEVICES,
+    "parallelism.fsdp_reshard_after_forward": fsdp.RESHARD_POLICIES,
+    "parallelism.mixed_precision_reduce": tuple(parallelize.DTYPES),
+    "parallelism.gradient_sync": GRADIENT_SYNC,  # the trainer's own
+    "activation_checkpoint.mode": activation_checkpoint.MODES,
+    "float8.recipe_name": float8.RECIPES,
+    "optimizer.name": optim.OPTIMIZERS,
+    "optimizer.implementation": optim.IMPLEMENTATIONS,
+    "optimizer.muon_adjust_lr": optim.MUON_ADJUST_LR,
+    "lr_scheduler.decay_type": optim.DECAY_TYPES,
+    "data.packing": packing.PACKING_MODES,
+    "data.num_workers": loader.NUM_WORKERS,
+    "checkpoint.async_mode": checkpoint.ASYNC_MODES,
+    "lrt.mode": model_args.LRT_MODES,
+    "lrt.projection": model_args.PROJECTIONS,
+}
+"""Every choice field of the config and the tuple of the module that branches on it."""
+
+
+def choice_fields():
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if "choices" in f.metadata:
+                yield f"{name}.{f.name}", f.metadata["choices"]
+
+
+def test_every_choice_field_takes_its_modules_values():
+    config_choices = dict(choice_fields())
+    assert set(config_choices) == set(MODULE_CHOICES), "a choice field without its module's tuple (or vice versa)"
+    for key, implemented in MODULE_CHOICES.items():
+        assert tuple(config_choices[key]) == tuple(implemented), key
+
+
+@pytest.mark.parametrize("key", sorted(MODULE_CHOICES))
+def test_config_accepts_exactly_what_the_module_implements(key):
+    for value in MODULE_CHOICES[key]:
+        config, _ = load_config([f"--{key}={value}"])
+        section, name = key.split(".")
+        assert getattr(getattr(config, section), name) == value
+    choices = MODULE_CHOICES[key]
+    unimplemented = "unimplemented" if isinstance(choices[0], str) else max(choices) + 1
+    with pytest.raises(ConfigError) as err:
+        load_config([f"--{key}={unimplemented}"])
+    allowed = ", ".join(map(str, choices))
+    assert f"{key}={unimplemented!r}" in str(err.value) and str(err.value).endswith(f"; allowed: {allowed}")
+
+
+def test_module_dispatch_covers_exactly_the_exported_values():
+    """The tuples are the keys of the tables the modules branch on, so they cannot drift apart."""
+    assert optim.OPTIMIZERS == tuple(optim._MUON_TAKES_MATRICES)
+    assert optim.IMPLEMENTATIONS == tuple(optim._ADAMW_KERNELS)
+    assert optim.DECAY_TYPES == tuple(optim._DECAY_SHAPES)
+    assert packing.PACKING_MODES == tuple(packing._PACKERS)
+    assert activation_checkpoint.MODES == tuple(activation_checkpoint._WRAPS)
+
+
+def test_defaults_are_allowed_values():
+    config = Config()
+    for name in SECTIONS:
+        section = getattr(config, name)
+        for f in dataclasses.fields(section):
+            assert _check_allowed(getattr(section, f.name), f.metadata) is None, f"{name}.{f.name}"
+    validate(config)
+
+
+CONFIG_OWNED = {
+    optim.build_optimizers: [f.name for f in dataclasses.fields(SECTIONS["optimizer"])],
+    optim.build_lr_schedulers: ["steps"] + [f.name for f in dataclasses.fields(SECTIONS["lr_scheduler"])],
+    checkpoint.CheckpointManager: ["interval", "keep_latest_k", "async_mode", "load", "initial_load_path"],
+    loader.build_dataloader: ["split", "text_column", "num_streams", "packing", "seed", "num_workers", "streaming"],
+    loader.PackedRowsDataset: ["num_streams", "packing", "seed"],
+    loader.TokenBatchLoader: ["num_workers"],
+    activation_checkpoint.apply_activation_checkpointing: ["mode", "selective_option"],
+    float8.apply_float8: ["recipe", "emulate"],
+    fsdp.apply_fsdp: ["reshard_after_forward"],
+    distributed.init_distributed: ["device", "timeout_s"],
+}
+"""Builders and the arguments the config sets on them."""
+
+
+@pytest.mark.parametrize("builder", list(CONFIG_OWNED), ids=lambda b: b.__name__)
+def test_builders_take_config_owned_arguments_by_keyword_without_defaults(builder):
+    parameters = inspect.signature(builder).parameters
+    for name in CONFIG_OWNED[builder]:
+        p = parameters[name]
+        assert p.kind is inspect.Parameter.KEYWORD_ONLY, f"{builder.__name__}({name}) must be keyword-only"
+        assert p.default is inspect.Parameter.empty, f"{builder.__name__}({name}) has a default besides the config's"

@@ -18,6 +18,12 @@ from titan_lrt.data.streams import stream_document_order
 from titan_lrt.data.tokenizer import BOS_ID, BOS_TOKEN, Tokenizer, ensure_tokenizer, train_tokenizer
 
 MAX_FILES = 40
+LOADER = dict(split="train", text_column="text", packing="bos_aligned", seed=0, num_workers=0, streaming=False)
+"""build_dataloader's config-owned arguments (it has no defaults for them) as these tests use them."""
+
+
+def loader_of(source, **kwargs):
+    return build_dataloader(source, **{**LOADER, **kwargs})
 
 
 class CharTokenizer:
@@ -179,7 +185,7 @@ def test_jsonl_json_and_txt_sources(tmp_path, tokenizer):
     assert len(list(iter_texts(load_documents(txt, txt_sample_by="paragraph")))) == 3
     assert len(list(iter_texts(load_documents(txt, txt_sample_by="line")))) == 4
 
-    loader = build_dataloader(
+    loader = loader_of(
         tmp_path / "docs.jsonl", text_column="body", tokenizer=tokenizer, seq_len=8, local_batch_size=2, num_streams=2
     )
     inputs, targets = next(loader)
@@ -219,7 +225,7 @@ def test_bad_sources_and_settings_give_clear_errors(tmp_path, tokenizer):
 
     def loader(**kwargs):
         args = dict(text_column="body", tokenizer=tokenizer, seq_len=8, local_batch_size=2, num_streams=2)
-        return build_dataloader(tmp_path / "d.jsonl", **{**args, **kwargs})
+        return loader_of(tmp_path / "d.jsonl", **{**args, **kwargs})
 
     with pytest.raises(ValueError, match="packing must be one of \\('concat', 'bos_aligned'\\), got 'best'"):
         loader(packing="best")
@@ -246,7 +252,7 @@ def test_concat_packing_loses_and_repeats_nothing_across_epochs():
     texts = [f"document number {i} " + "xy" * (i % 7) for i in range(10)] + [""]
     ds = datasets.Dataset.from_dict({"text": texts})
     num_streams, seq_len, seed = 3, 5, 7
-    loader = build_dataloader(
+    loader = loader_of(
         ds, tokenizer=CharTokenizer(), seq_len=seq_len, local_batch_size=3, num_streams=num_streams, packing="concat", seed=seed
     )
     rows = rows_of(take(loader, 40))  # about 5 epochs of each stream
@@ -271,7 +277,7 @@ def test_bos_aligned_packing_exact_rows_and_waste():
     for position, index in enumerate(order):
         texts[index] = designed[position]
     ds = datasets.Dataset.from_dict({"text": texts})
-    loader = build_dataloader(ds, tokenizer=CharTokenizer(), seq_len=7, local_batch_size=1, num_streams=1)
+    loader = loader_of(ds, tokenizer=CharTokenizer(), seq_len=7, local_batch_size=1, num_streams=1)
     rows = ["".join("^" if t == 0 else chr(t) for t in row.tolist()) for row in rows_of(take(loader, 5))]
     assert rows == [
         "^aaa^bb^",  # "cccc" fits a row but not the rest of this one: cropped to its BOS, 4 dropped
@@ -293,7 +299,7 @@ def test_rows_start_where_the_strategy_says(packing):
     ds = datasets.Dataset.from_dict({"text": docs})
     num_streams, seq_len = 4, 9
     where = {ord(c): (d, p + 1) for d, doc in enumerate(docs) for p, c in enumerate(doc)}  # token -> (doc, pos)
-    loader = build_dataloader(
+    loader = loader_of(
         ds, tokenizer=CharTokenizer(), seq_len=seq_len, local_batch_size=4, num_streams=num_streams, packing=packing
     )
     rows = rows_of(take(loader, 8))  # 8 rows per stream: stays in epoch 0
@@ -337,7 +343,7 @@ def test_rows_start_where_the_strategy_says(packing):
 
 def corpus_loader(corpus_dir, tokenizer, **kwargs):
     args = dict(tokenizer=tokenizer, seq_len=32, local_batch_size=3, num_streams=4)
-    return build_dataloader(corpus_dir, **{**args, **kwargs})
+    return loader_of(corpus_dir, **{**args, **kwargs})
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
@@ -358,7 +364,7 @@ def test_exact_resume(corpus_dir, tokenizer, packing, num_workers):
 
 def test_resume_across_epochs_with_worker_state_loaded_without_worker():
     ds = datasets.Dataset.from_dict({"text": [f"short doc {i}" * (1 + i % 3) for i in range(6)]})
-    make = lambda workers: build_dataloader(  # noqa: E731
+    make = lambda workers: loader_of(  # noqa: E731
         ds, tokenizer=CharTokenizer(), seq_len=16, local_batch_size=2, num_streams=2, num_workers=workers
     )
     expected = take(make(0), 30)
@@ -446,7 +452,7 @@ def test_streaming_source_resumes_and_matches_across_world_sizes(tmp_path, num_w
     path.write_text("".join(json.dumps({"text": f"streamed document {i} " * (1 + i % 4)}) + "\n" for i in range(9)))
 
     def make(world=1, rank=0, workers=0):
-        return build_dataloader(
+        return loader_of(
             path, streaming=True, tokenizer=CharTokenizer(), seq_len=12, local_batch_size=4 // world,
             num_streams=2, dp_rank=rank, dp_world_size=world, packing="concat", num_workers=workers,
         )
@@ -470,7 +476,7 @@ def test_streaming_source_resumes_and_matches_across_world_sizes(tmp_path, num_w
 def test_packed_rows_dataset_rejects_empty_streams():
     ds = datasets.Dataset.from_dict({"text": ["a", "", "b", ""]})
     dataset = PackedRowsDataset(
-        load_documents(ds), CharTokenizer(), seq_len=4, local_batch_size=2, num_streams=2
+        load_documents(ds), CharTokenizer(), seq_len=4, local_batch_size=2, num_streams=2, packing="concat", seed=0
     )
     with pytest.raises(ValueError, match="stream 1 of 2 has no non-empty document"):
         next(iter(dataset))

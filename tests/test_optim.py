@@ -11,6 +11,7 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from titan_lrt.config import ConfigError, LRScheduler, Optimizer, load_config
 from titan_lrt.model.args import LRTArgs, ModelArgs
 from titan_lrt.model.schedule import run_schedule
 from titan_lrt.model.transformer import Transformer
@@ -41,6 +42,16 @@ def small_model(seed=0, **overrides) -> Transformer:
     model = Transformer(ModelArgs(**args))
     model.init_weights()
     return model
+
+
+def optimizers_of(model, **changes):
+    """build_optimizers with the config's defaults (the only ones; it has none) and some changes."""
+    return build_optimizers(model, **{**vars(Optimizer()), **changes})
+
+
+def schedulers_of(optimizers, steps, **changes):
+    """build_lr_schedulers with the config's defaults (the only ones; it has none) and some changes."""
+    return build_lr_schedulers(optimizers, steps=steps, **{**vars(LRScheduler()), **changes})
 
 
 def batch(seed=0, B=4, T=16, vocab=100):
@@ -117,7 +128,7 @@ def groups_by_name(optimizers):
 
 def test_adamw_groups_learning_rates_and_weight_decay():
     model = small_model(**VARIANTS["lrt_shared"])
-    opt = build_optimizers(
+    opt = optimizers_of(
         model, lr=0.01, weight_decay=0.1, embedding_lr_mult=10, head_lr_mult=0.5, scalar_lr_mult=0.2
     )
     assert len(opt) == 1 and isinstance(opt.optimizers[0], torch.optim.AdamW)
@@ -131,13 +142,13 @@ def test_adamw_groups_learning_rates_and_weight_decay():
 
 def test_dim_lr_scaling_follows_nanochat():
     model = small_model(dim=192, n_heads=4, value_embeds="all")  # value embeddings are kv_dim = 96 wide
-    opt = build_optimizers(model, lr=0.01, dim_lr_scaling=True)
+    opt = optimizers_of(model, lr=0.01, dim_lr_scaling=True)
     assert groups_by_name(opt)["matrix"]["lr"] == pytest.approx(0.01 * (192 / 768) ** -0.5)
 
 
 def test_muon_takes_the_matrices_and_adamw_the_rest():
     model = small_model(**VARIANTS["lrt_layerwise"])
-    opt = build_optimizers(model, name="Muon", lr=0.01, muon_lr=0.03, weight_decay=0.05)
+    opt = optimizers_of(model, name="Muon", lr=0.01, muon_lr=0.03, weight_decay=0.05)
     adamw, muon = opt.optimizers
     assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
     matrices = {id(p) for _, p in parameter_groups(model)["matrix"]}
@@ -151,7 +162,7 @@ def test_muon_takes_the_matrices_and_adamw_the_rest():
 @pytest.mark.parametrize("name", ["adamw", "muon"])
 def test_optimizer_reduces_loss_on_a_tiny_model(name):
     model = small_model(**VARIANTS["lrt_shared"])
-    opt = build_optimizers(model, name=name, lr=0.01, embedding_lr_mult=10)
+    opt = optimizers_of(model, name=name, lr=0.01, embedding_lr_mult=10)
     tokens, targets = batch(0)
     losses = []
     for _ in range(15):
@@ -164,20 +175,20 @@ def test_optimizer_reduces_loss_on_a_tiny_model(name):
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "setting, message",
     [
-        (dict(name="sgd"), r"optimizer\.name='sgd': allowed \('adamw', 'muon'\)"),
-        (dict(implementation="cuda"), r"optimizer\.implementation='cuda'"),
-        (dict(lr=-1.0), r"optimizer\.lr=-1\.0 must be"),
-        (dict(beta2=1.0), r"optimizer\.beta2=1\.0 must be in \[0, 1\)"),
-        (dict(muon_ns_steps=0), r"optimizer\.muon_ns_steps=0"),
-        (dict(muon_adjust_lr="rms"), r"optimizer\.muon_adjust_lr='rms'"),
-        (dict(scalar_lr_mult=float("nan")), r"optimizer\.scalar_lr_mult=nan"),
+        ("name=sgd", r"optimizer\.name='sgd'.*; allowed: adamw, muon$"),
+        ("implementation=cuda", r"optimizer\.implementation='cuda'"),
+        ("lr=-1.0", r"optimizer\.lr=-1\.0 must be"),
+        ("beta2=1.0", r"optimizer\.beta2=1\.0 must be in \[0, 1\)"),
+        ("muon_ns_steps=0", r"optimizer\.muon_ns_steps=0"),
+        ("muon_adjust_lr=rms", r"optimizer\.muon_adjust_lr='rms'"),
+        ("scalar_lr_mult=nan", r"optimizer\.scalar_lr_mult=nan"),
     ],
 )
-def test_bad_optimizer_arguments_are_named(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        build_optimizers(small_model(), **kwargs)
+def test_bad_optimizer_settings_are_named_when_the_config_loads(setting, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config([f"--optimizer.{setting}"])
 
 
 # ---- LR schedules ----------------------------------------------------------------------
@@ -185,8 +196,8 @@ def test_bad_optimizer_arguments_are_named(kwargs, message):
 
 def scheduled_lrs(steps, **kwargs):
     """Matrix-group LR of every update 0..steps (the last one is past the run), peak 1."""
-    opt = build_optimizers(small_model(), lr=1.0, implementation="for-loop")
-    sched = build_lr_schedulers(opt, steps, **kwargs)
+    opt = optimizers_of(small_model(), lr=1.0, implementation="for-loop")
+    sched = schedulers_of(opt, steps, **kwargs)
     lrs = []
     for _ in range(steps + 1):
         lrs.append(sched.last_lr()["matrix"])
@@ -220,10 +231,10 @@ def test_schedule_without_decay_and_decay_after_warmup():
 
 
 def test_schedule_scales_every_group_and_both_optimizers():
-    opt = build_optimizers(
+    opt = optimizers_of(
         small_model(), name="muon", lr=0.01, embedding_lr_mult=10, head_lr_mult=1, scalar_lr_mult=1, muon_lr=0.02
     )
-    sched = build_lr_schedulers(opt, 10, warmup_steps=4, decay_ratio=0.0)
+    sched = schedulers_of(opt, 10, warmup_steps=4, decay_ratio=0.0)
     assert sched.last_lr() == pytest.approx({"matrix": 0.02 / 5, "embedding": 0.1 / 5, "head": 0.01 / 5,
                                              "scalar": 0.01 / 5})
     assert {g["name"]: g["lr"] for g in opt.param_groups} == sched.last_lr()
@@ -234,20 +245,26 @@ def test_schedule_scales_every_group_and_both_optimizers():
     [
         (dict(warmup_steps=8, decay_ratio=0.3), r"warmup_steps=8 plus 3 decay steps \(decay_ratio=0\.3 of training\.steps=10\)"),
         (dict(warmup_steps=11, decay_ratio=None), r"warmup_steps=11 plus 0 decay steps"),
-        (dict(warmup_steps=-1), r"lr_scheduler\.warmup_steps=-1 must be >= 0"),
-        (dict(decay_ratio=1.5), r"lr_scheduler\.decay_ratio=1\.5"),
-        (dict(decay_type="exp"), r"lr_scheduler\.decay_type='exp': allowed \('linear', 'sqrt', 'cosine'\)"),
-        (dict(min_lr_factor=2.0), r"lr_scheduler\.min_lr_factor=2\.0"),
     ],
 )
 def test_bad_schedule_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        build_lr_schedulers(build_optimizers(small_model()), 10, **kwargs)
+        schedulers_of(optimizers_of(small_model()), 10, **kwargs)
 
 
-def test_steps_must_be_positive():
-    with pytest.raises(ValueError, match=r"training\.steps=0"):
-        build_lr_schedulers(build_optimizers(small_model()), 0)
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("lr_scheduler.warmup_steps=-1", r"lr_scheduler\.warmup_steps=-1 must be >= 0"),
+        ("lr_scheduler.decay_ratio=1.5", r"lr_scheduler\.decay_ratio=1\.5"),
+        ("lr_scheduler.decay_type=exp", r"lr_scheduler\.decay_type='exp'.*; allowed: linear, sqrt, cosine$"),
+        ("lr_scheduler.min_lr_factor=2.0", r"lr_scheduler\.min_lr_factor=2\.0"),
+        ("training.steps=0", r"training\.steps=0"),
+    ],
+)
+def test_bad_schedule_settings_are_named_when_the_config_loads(setting, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config([f"--{setting}"])
 
 
 # ---- exact resume ----------------------------------------------------------------------
@@ -269,8 +286,8 @@ def test_resume_continues_bit_exactly(name, via, tmp_path):
 
     def fresh(seed):
         model = small_model(seed=seed, **variant)
-        opt = build_optimizers(model, **settings)
-        return model, opt, build_lr_schedulers(opt, **schedule)
+        opt = optimizers_of(model, **settings)
+        return model, opt, schedulers_of(opt, **schedule)
 
     model, opt, sched = fresh(0)
     train(model, opt, sched, 8)
@@ -295,15 +312,15 @@ def test_resume_continues_bit_exactly(name, via, tmp_path):
 
 def test_optimizer_state_is_keyed_by_parameter_name():
     model = small_model(**VARIANTS["lrt_shared"])
-    opt = build_optimizers(model, name="muon")
+    opt = optimizers_of(model, name="muon")
     keys = opt.state_dict().keys()
     assert "state.layers.0.mlp.w1.weight.momentum_buffer" in keys
     assert "state.tok_embeddings.weight.exp_avg" in keys
 
 
 def test_scheduler_state_from_another_optimizer_layout_is_rejected():
-    adamw = build_lr_schedulers(build_optimizers(small_model()), 10, warmup_steps=2)
-    muon = build_lr_schedulers(build_optimizers(small_model(), name="muon"), 10, warmup_steps=2)
+    adamw = schedulers_of(optimizers_of(small_model()), 10, warmup_steps=2)
+    muon = schedulers_of(optimizers_of(small_model(), name="muon"), 10, warmup_steps=2)
     with pytest.raises(ValueError, match="1 schedulers, this run has 2"):
         muon.load_state_dict(adamw.state_dict())
 
@@ -362,7 +379,7 @@ def _fsdp_worker(rank, init_file, results):
         tokens, targets = batch(0)  # the same batch on both ranks: FSDP's mean gradient is the local one
         norms = []
         for m in (model, reference):
-            opt = build_optimizers(m, name="muon", lr=0.01, muon_lr=0.1)
+            opt = optimizers_of(m, name="muon", lr=0.01, muon_lr=0.1)
             run_schedule(m, tokens, targets).loss.backward()
             norms.append(clip_grad_norm_(m.parameters(), 0.1).item())
             opt.step()

@@ -6,6 +6,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 
+from titan_lrt.config import ConfigError, load_config
 from titan_lrt.model.accounting import forward_flops_per_token, step_flops
 from titan_lrt.model.args import LRTArgs, ModelArgs
 from titan_lrt.model.schedule import run_schedule
@@ -71,7 +72,7 @@ def test_compiled_blocks_match_eager_and_never_recompile_after_the_first_step(lr
 @pytest.mark.parametrize("mode, option", [("full", "op"), ("selective", "2"), ("selective", "op")])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(mode, option):
     plain, checkpointed = _pair(_args(num_subsets=2, kv_refresh=True))
-    apply_activation_checkpointing(checkpointed, mode, option)
+    apply_activation_checkpointing(checkpointed, mode=mode, selective_option=option)
     tokens, targets = _batch()
     loss_p, grads_p = _step(plain, tokens, targets)
     loss_c, grads_c = _step(checkpointed, tokens, targets)
@@ -82,16 +83,16 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(mode, option
 
 def test_activation_checkpointing_rejects_bad_options():
     with pytest.raises(ValueError, match="allowed \"op\" or a positive integer"):
-        apply_activation_checkpointing(Transformer(_args()), "selective", "every")
-    with pytest.raises(ValueError, match="activation_checkpoint.mode='half'"):
-        apply_activation_checkpointing(Transformer(_args()), "half")
+        apply_activation_checkpointing(Transformer(_args()), mode="selective", selective_option="every")
+    with pytest.raises(ConfigError, match="activation_checkpoint.mode='half'"):  # modes: checked as the config loads
+        load_config(["--activation_checkpoint.mode=half"])
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_float8_emulated_training_stays_close_to_bf16(recipe):
     """Five AdamW steps: the float8 run's losses stay within 2% of the bf16 run's."""
     bf16, fp8 = _pair(_args())
-    converted = apply_float8(fp8, recipe, emulate=True, fsdp=False)
+    converted = apply_float8(fp8, recipe=recipe, emulate=True, fsdp=False)
     assert "feedback.proj" in converted and not any("lm_head" in n for n in converted)
     tokens, targets = _batch()
     losses = {}
@@ -111,7 +112,7 @@ def test_real_float8_is_refused_without_hardware_support():
     if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
         pytest.skip("this machine has float8 hardware")
     with pytest.raises(ValueError, match="compute capability >= 8.9"):
-        apply_float8(Transformer(_args()), "tensorwise", emulate=False, fsdp=False)
+        apply_float8(Transformer(_args()), recipe="tensorwise", emulate=False, fsdp=False)
 
 
 def test_flop_count_of_a_tiny_config_by_hand():

@@ -67,8 +67,8 @@ def test_export_round_trips_are_bit_exact(trained, tmp_path):
     # the converted DCP folder is a complete checkpoint that a new run loads as its initial weights
     assert checkpoint_problem(tmp_path / "dcp") is None
     fresh = Transformer(original.args)
-    manager = CheckpointManager(tmp_path / "new_run", {"model": ModelWrapper(fresh)},
-                                initial_load_path=tmp_path / "dcp")
+    manager = CheckpointManager(tmp_path / "new_run", {"model": ModelWrapper(fresh)}, interval=1, keep_latest_k=0,
+                                async_mode="disabled", load="latest", initial_load_path=tmp_path / "dcp")
     assert manager.load() == 0
     assert_same_tensors(fresh.state_dict(), weights)
 

@@ -63,6 +63,7 @@ logger = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)", category=UserWarning)
 
 ASYNC_MODES = ("disabled", "async", "async_process")
+"""checkpoint.async_mode: see `CheckpointManager`."""
 MARKER = "complete.json"
 RUN_TOKENIZER = "tokenizer.json"
 """The trainer copies the run's tokenizer to <job.dump_folder>/tokenizer.json, so that a
@@ -263,11 +264,11 @@ class CheckpointManager:
         folder: str | os.PathLike,
         states: Mapping[str, Any],
         *,
-        interval: int = 500,
-        keep_latest_k: int = 0,
-        async_mode: str = "disabled",
-        load: str = "latest",
-        initial_load_path: str | os.PathLike | None = None,
+        interval: int,
+        keep_latest_k: int,
+        async_mode: str,
+        load: str,
+        initial_load_path: str | os.PathLike | None,
         initial_load_model_only: bool = True,
         run_config: str | None = None,
         run_config_name: str = "config.toml",
@@ -286,10 +287,7 @@ class CheckpointManager:
             starts at step 0); False restores every state, as a resume would.
         run_config: the resolved run config, written by rank 0 into every checkpoint as `run_config_name`.
         """
-        _check_int("checkpoint.interval", interval, 1)
-        _check_int("checkpoint.keep_latest_k", keep_latest_k, 0)
-        if async_mode not in ASYNC_MODES:
-            raise ValueError(f"checkpoint.async_mode={async_mode!r}: allowed {ASYNC_MODES}")
+        # interval, keep_latest_k and async_mode are checked where the config is loaded.
         if async_mode == "async_process" and not dist.is_initialized():
             raise ValueError(
                 "checkpoint.async_mode='async_process' needs torch.distributed to be initialized "
@@ -591,7 +589,3 @@ def _saved_ranks(path: Path, metadata: Metadata, name: str) -> list[int]:
         raise ValueError(f"checkpoint {path} has {name!r} entries of ranks {ranks}, expected 0..{len(ranks) - 1}")
     return ranks
 
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -5,6 +5,9 @@
 Every key is a field of a section dataclass below, with a type, a default and
 a docstring. Unknown keys and bad values fail before any heavy work starts,
 with one message that names the key, the bad value and what is allowed. The
+defaults here are the only ones (builders take these values as keyword-only
+arguments without defaults); the allowed values of a choice are the tuple
+exported by the module that branches on it, and `setting` declares them. The
 [model] section also accepts any backbone field of `ModelArgs` (e.g. `dim`) to
 override the chosen flavor; [lrt] is `LRTArgs` itself.
 """
@@ -16,18 +19,42 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from titan_lrt.checkpoint import ASYNC_MODES
+from titan_lrt.data.loader import NUM_WORKERS
+from titan_lrt.data.packing import PACKING_MODES
 from titan_lrt.model.args import FLAVORS, LRTArgs, ModelArgs
+from titan_lrt.optim import DECAY_TYPES, IMPLEMENTATIONS, MUON_ADJUST_LR, OPTIMIZERS
+from titan_lrt.parallel.activation_checkpoint import MODES as AC_MODES
+from titan_lrt.parallel.distributed import DEVICES
+from titan_lrt.parallel.float8 import RECIPES
+from titan_lrt.parallel.fsdp import RESHARD_POLICIES
+from titan_lrt.parallel.parallelize import DTYPES
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+NONFINITE_POLICIES = ("stop", "skip")
+"""training.nonfinite, which the trainer branches on."""
+GRADIENT_SYNC = ("last_micro_batch", "every_micro_batch")
+"""parallelism.gradient_sync, which the trainer branches on."""
+
+
+def setting(default: Any, *, choices: tuple | None = None, ge: float | None = None, le: float | None = None,
+            lt: float | None = None):
+    """A config field: its default (the only one: builders take no defaults) and the values it
+    allows -- one of `choices`, or a number >= ge and <= le or < lt. `_check_allowed` checks
+    them when a value is set; each module that branches on a choice exports its tuple."""
+    allowed = {"choices": choices, "ge": ge, "le": le, "lt": lt}
+    return field(default=default, metadata={k: v for k, v in allowed.items() if v is not None})
 
 
 @dataclass
@@ -57,24 +84,24 @@ class Model:
 
 @dataclass
 class Training:
-    steps: int = 100
+    steps: int = setting(100, ge=1)
     """Optimizer steps of the run."""
 
-    seq_len: int = 512
+    seq_len: int = setting(512, ge=1)
     """Tokens per training sequence (the model's RoPE table covers it)."""
 
-    local_batch_size: int = 8
+    local_batch_size: int = setting(8, ge=1)
     """Sequences per micro-batch on each data-parallel rank."""
 
-    global_batch_size: int = 0
+    global_batch_size: int = setting(0, ge=0)
     """Sequences per optimizer step over all ranks (0: local_batch_size x ranks, no
     accumulation); must be a multiple of local_batch_size x ranks, the rest is
     gradient accumulation."""
 
-    max_norm: float = 1.0
+    max_norm: float = setting(1.0, ge=0)
     """Gradient clipping by global norm (0 disables)."""
 
-    mixed_precision: str = field(default="auto", metadata={"choices": ("auto", "bfloat16", "float32")})
+    mixed_precision: str = setting("auto", choices=("auto", *DTYPES))
     """Autocast dtype. "auto": bfloat16 on GPUs and on CPUs with native bf16 matmuls,
     float32 on other CPUs (where bf16 matmuls are emulated and far slower)."""
 
@@ -84,40 +111,40 @@ class Training:
     deterministic: bool = False
     """Use deterministic kernels only (slower; for debugging and exact comparisons)."""
 
-    nonfinite: str = field(default="stop", metadata={"choices": ("stop", "skip")})
+    nonfinite: str = setting("stop", choices=NONFINITE_POLICIES)
     """What a NaN/inf loss or gradient norm does: stop the run with a clear message,
     or skip the optimizer step (and stop after 10 in a row)."""
 
-    device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
+    device: str = setting("auto", choices=DEVICES)
     """Where to train ("auto": cuda when available)."""
 
 
 @dataclass
 class Parallelism:
-    data_parallel_replicate_degree: int = 1
+    data_parallel_replicate_degree: int = setting(1, ge=1)
     """HSDP: number of replicas of the sharded model (1: FSDP over all ranks); must
     divide the number of ranks, each replica sharding over the rest."""
 
-    context_parallel_degree: int = 1
+    context_parallel_degree: int = setting(1, ge=1)
     """Ranks that share each sequence (context parallelism): every rank of a group
     gets the same rows and computes 1/degree of their positions (a head and a
     mirrored tail chunk); attention and the LRT buffer are gathered over the group.
     Must divide the number of ranks / data_parallel_replicate_degree; seq_len must
     be a multiple of 2 x degree. Parameters are sharded over data-parallel x CP ranks."""
 
-    fsdp_reshard_after_forward: str = field(default="default", metadata={"choices": ("default", "always", "never")})
+    fsdp_reshard_after_forward: str = setting("default", choices=RESHARD_POLICIES)
     """Free a block's gathered parameters after each pass's forward ("default": all
     blocks but the last; "never": keep them gathered across the S + 1 passes of a
     step, trading memory for fewer all-gathers)."""
 
-    mixed_precision_reduce: str = field(default="float32", metadata={"choices": ("float32", "bfloat16")})
+    mixed_precision_reduce: str = setting("float32", choices=tuple(DTYPES))
     """Dtype of the gradient reduce-scatter (parameters compute in training.mixed_precision)."""
 
-    gradient_sync: str = field(default="last_micro_batch", metadata={"choices": ("last_micro_batch", "every_micro_batch")})
+    gradient_sync: str = setting("last_micro_batch", choices=GRADIENT_SYNC)
     """When gradients are reduced across ranks during accumulation: once per step
     (less communication, unsharded gradients held meanwhile) or after every micro-batch."""
 
-    process_group_timeout_seconds: int = 600
+    process_group_timeout_seconds: int = setting(600, ge=1)
     """Timeout of collectives (a hung rank fails the run after this long)."""
 
 
@@ -130,7 +157,7 @@ class Compile:
 
 @dataclass
 class ActivationCheckpoint:
-    mode: str = field(default="none", metadata={"choices": ("none", "full", "selective")})
+    mode: str = setting("none", choices=AC_MODES)
     """Recompute block activations in the backward instead of keeping them."""
 
     selective_ac_option: str = "op"
@@ -144,7 +171,7 @@ class Float8:
     """float8 matmuls (torchao) for the block linears and the feedback projection;
     never the LM head. Needs compute capability >= 8.9 unless emulated."""
 
-    recipe_name: str = field(default="tensorwise", metadata={"choices": ("tensorwise", "rowwise")})
+    recipe_name: str = setting("tensorwise", choices=RECIPES)
     """Scaling recipe; tensorwise also all-gathers FSDP weights in float8."""
 
     emulate: bool = False
@@ -153,68 +180,68 @@ class Float8:
 
 @dataclass
 class Optimizer:
-    name: str = field(default="adamw", metadata={"choices": ("adamw", "muon")})
+    name: str = setting("adamw", choices=OPTIMIZERS)
     """adamw, or muon for the 2-D block matrices with AdamW for the rest."""
 
-    lr: float = 1e-2
+    lr: float = setting(1e-2, ge=0)
     """Peak AdamW learning rate of the matrices; the other groups get lr x their multiplier."""
 
-    embedding_lr_mult: float = 30.0
+    embedding_lr_mult: float = setting(30.0, ge=0)
     """LR multiplier of the token and value embeddings (RMS-normed, init std 1: they need
     a large LR to move)."""
 
-    head_lr_mult: float = 4.0
+    head_lr_mult: float = setting(4.0, ge=0)
     """LR multiplier of the LM head."""
 
-    scalar_lr_mult: float = 0.2
+    scalar_lr_mult: float = setting(0.2, ge=0)
     """LR multiplier of the per-layer scalars (residual scales, x0 scales, gammas)."""
 
     dim_lr_scaling: bool = False
     """Scale every AdamW group by (dim / 768)^-0.5, as nanochat does."""
 
-    beta1: float = 0.9
+    beta1: float = setting(0.9, ge=0, lt=1)
     """AdamW beta1."""
 
-    beta2: float = 0.95
+    beta2: float = setting(0.95, ge=0, lt=1)
     """AdamW beta2."""
 
-    eps: float = 1e-8
+    eps: float = setting(1e-8, ge=0)
     """AdamW epsilon."""
 
-    weight_decay: float = 0.0
+    weight_decay: float = setting(0.0, ge=0)
     """Decoupled weight decay of the matrices (never on embeddings, head or scalars)."""
 
-    implementation: str = field(default="fused", metadata={"choices": ("fused", "foreach", "for-loop")})
+    implementation: str = setting("fused", choices=IMPLEMENTATIONS)
     """AdamW kernel implementation."""
 
-    muon_lr: float = 0.02
+    muon_lr: float = setting(0.02, ge=0)
     """Muon learning rate of the 2-D block matrices (name = "muon")."""
 
-    muon_momentum: float = 0.95
+    muon_momentum: float = setting(0.95, ge=0, lt=1)
     """Muon momentum."""
 
     muon_nesterov: bool = True
     """Nesterov momentum in Muon."""
 
-    muon_ns_steps: int = 5
+    muon_ns_steps: int = setting(5, ge=1)
     """Newton-Schulz iterations of Muon's orthogonalisation."""
 
-    muon_adjust_lr: str = field(default="original", metadata={"choices": ("original", "match_rms_adamw")})
+    muon_adjust_lr: str = setting("original", choices=MUON_ADJUST_LR)
     """How Muon scales its update by the matrix shape."""
 
 
 @dataclass
 class LRScheduler:
-    warmup_steps: int = 10
+    warmup_steps: int = setting(10, ge=0)
     """Linear warmup from 0 to the peak learning rate."""
 
-    decay_ratio: float = 0.2
+    decay_ratio: float = setting(0.2, ge=0, le=1)
     """Fraction of the steps, at the end of the run, over which the LR decays."""
 
-    decay_type: str = field(default="linear", metadata={"choices": ("linear", "sqrt", "cosine")})
+    decay_type: str = setting("linear", choices=DECAY_TYPES)
     """Shape of the decay."""
 
-    min_lr_factor: float = 0.0
+    min_lr_factor: float = setting(0.0, ge=0, le=1)
     """Final learning rate as a fraction of the peak."""
 
 
@@ -233,13 +260,13 @@ class Data:
     streaming: bool = False
     """Stream a hub dataset (the only way a hub name is read; needs the network)."""
 
-    packing: str = field(default="bos_aligned", metadata={"choices": ("bos_aligned", "concat")})
+    packing: str = setting("bos_aligned", choices=PACKING_MODES)
     """How documents are packed into rows (see titan_lrt.data.packing)."""
 
-    num_streams: int = 8
+    num_streams: int = setting(8, ge=1)
     """Fixed virtual data streams; any data-parallel world size dividing it can resume a run."""
 
-    num_workers: int = 1
+    num_workers: int = setting(1, choices=NUM_WORKERS)
     """Background tokenization workers of the loader (0 or 1)."""
 
 
@@ -251,13 +278,13 @@ class Checkpoint:
     folder: str = "checkpoints"
     """Checkpoint folder, relative to job.dump_folder."""
 
-    interval: int = 50
+    interval: int = setting(50, ge=1)
     """Save every this many steps (and at the end)."""
 
-    keep_latest_k: int = 3
+    keep_latest_k: int = setting(3, ge=0)
     """Keep only the newest k checkpoints (0: keep all)."""
 
-    async_mode: str = field(default="disabled", metadata={"choices": ("disabled", "async", "async_process")})
+    async_mode: str = setting("disabled", choices=ASYNC_MODES)
     """Save while training continues: "async" from a background thread, "async_process"
     from a writer process per rank (less interference with training; starting it costs
     a few seconds once)."""
@@ -271,7 +298,7 @@ class Checkpoint:
 
 @dataclass
 class Metrics:
-    log_freq: int = 10
+    log_freq: int = setting(10, ge=1)
     """Console line and TensorBoard scalars every this many steps."""
 
     enable_tensorboard: bool = True
@@ -283,13 +310,13 @@ class Metrics:
 
 @dataclass
 class Eval:
-    interval: int = 50
+    interval: int = setting(50, ge=0)
     """Validation every this many steps (0: never; also at the end when > 0)."""
 
-    steps: int = 4
+    steps: int = setting(4, ge=1)
     """Validation batches for the merged (schedule) bits per byte."""
 
-    exact_sequences: int = 2
+    exact_sequences: int = setting(2, ge=0)
     """Validation sequences scored by exact recurrence (token-by-token decoding)."""
 
     split: str = "validation"
@@ -425,34 +452,17 @@ def load_config(argv: list[str]) -> tuple[Config, bool]:
 
 
 def validate(config: Config) -> None:
-    """Cross-field checks, before any heavy work."""
+    """Cross-field checks, before any heavy work (each value's own range and choices were
+    checked by `_check_allowed` when it was set)."""
     t = config.training
-    for name in ("steps", "seq_len", "local_batch_size"):
-        if getattr(t, name) < 1:
-            raise ConfigError(f"training.{name}={getattr(t, name)} must be >= 1")
-    if t.global_batch_size < 0 or (t.global_batch_size and t.global_batch_size % t.local_batch_size):
+    if t.global_batch_size % t.local_batch_size:
         raise ConfigError(
             f"training.global_batch_size={t.global_batch_size} must be 0 or a multiple of "
             f"training.local_batch_size={t.local_batch_size}"
         )
     if config.model.flavor not in FLAVORS:
         raise ConfigError(f"model.flavor={config.model.flavor!r}: allowed {sorted(FLAVORS)}")
-    for section, name in (("metrics", "log_freq"), ("checkpoint", "interval")):
-        if getattr(getattr(config, section), name) < 1:
-            raise ConfigError(f"{section}.{name}={getattr(getattr(config, section), name)} must be >= 1")
-    if config.checkpoint.keep_latest_k < 0:
-        raise ConfigError(f"checkpoint.keep_latest_k={config.checkpoint.keep_latest_k} must be >= 0")
-    if config.eval.interval < 0 or config.eval.steps < 1 or config.eval.exact_sequences < 0:
-        raise ConfigError("eval.interval must be >= 0, eval.steps >= 1, eval.exact_sequences >= 0")
-    p = config.parallelism
-    if p.data_parallel_replicate_degree < 1 or p.process_group_timeout_seconds < 1:
-        raise ConfigError(
-            f"parallelism.data_parallel_replicate_degree={p.data_parallel_replicate_degree} and "
-            f"parallelism.process_group_timeout_seconds={p.process_group_timeout_seconds} must be >= 1"
-        )
-    cp = p.context_parallel_degree
-    if cp < 1:
-        raise ConfigError(f"parallelism.context_parallel_degree={cp} must be >= 1")
+    cp = config.parallelism.context_parallel_degree
     if cp > 1:
         if t.seq_len % (2 * cp):
             raise ConfigError(
@@ -465,16 +475,6 @@ def validate(config: Config) -> None:
                 f"parallelism.context_parallel_degree={cp}: each chunk of seq_len / (2 x degree) positions "
                 "must hold every subset"
             )
-    if config.data.num_workers not in (0, 1):
-        raise ConfigError(f"data.num_workers={config.data.num_workers}: allowed 0 or 1")
-    if config.data.num_streams < 1:
-        raise ConfigError(f"data.num_streams={config.data.num_streams} must be >= 1")
-    s = config.lr_scheduler
-    if s.warmup_steps < 0 or not 0 <= s.decay_ratio <= 1 or not 0 <= s.min_lr_factor <= 1:
-        raise ConfigError(
-            f"lr_scheduler: warmup_steps={s.warmup_steps} must be >= 0, decay_ratio={s.decay_ratio} and "
-            f"min_lr_factor={s.min_lr_factor} in [0, 1]"
-        )
     try:  # the model's own checks (sizes, LRT options), with a placeholder vocabulary
         config.model_args(vocab_size=max(config.model.vocab_size, 1), bos_token_id=0)
     except ValueError as e:
@@ -503,8 +503,7 @@ def config_reference() -> str:
             if f.metadata.get("internal"):
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            choices = f.metadata.get("choices")
-            meaning = docs.get(f.name, "") + (f" One of {', '.join(choices)}." if choices else "")
+            meaning = " ".join(filter(None, [docs.get(f.name, ""), _allowed_text(f.metadata)]))
             out.append(f"| `{f.name}` | `{_toml_value(default)}` | {meaning} |")
         if name == "model":
             out.append(
@@ -524,18 +523,60 @@ def _set(config: Config, section: str, key: str, value: Any, source: str, from_t
     fields = {f.name: f for f in dataclasses.fields(target) if not f.metadata.get("internal")}
     if section == "model" and key in MODEL_OVERRIDES:
         ftype = typing.get_type_hints(ModelArgs)[key]
-        choices = {f.name: f for f in dataclasses.fields(ModelArgs)}[key].metadata.get("choices")
-        config.model.overrides[key] = _coerce(f"model.{key}", value, ftype, choices, source, from_text)
+        metadata = {f.name: f for f in dataclasses.fields(ModelArgs)}[key].metadata
+        config.model.overrides[key] = _checked(f"model.{key}", value, ftype, metadata, source, from_text)
         return
     if key not in fields:
         allowed = list(fields) + (list(MODEL_OVERRIDES) if section == "model" else [])
         raise ConfigError(f"{source}: unknown key {section}.{key}{_suggest(key, allowed)}; allowed: {', '.join(allowed)}")
     f = fields[key]
     ftype = typing.get_type_hints(type(target))[key]
-    setattr(target, key, _coerce(f"{section}.{key}", value, ftype, f.metadata.get("choices"), source, from_text))
+    setattr(target, key, _checked(f"{section}.{key}", value, ftype, f.metadata, source, from_text))
 
 
-def _coerce(name: str, value: Any, ftype, choices, source: str, from_text: bool):
+def _checked(name: str, value: Any, ftype, metadata, source: str, from_text: bool):
+    """The value as the field's type, if the field allows it."""
+    value = _coerce(name, value, ftype, source, from_text)
+    problem = _check_allowed(value, metadata)
+    if problem:
+        shown = repr(value) if "choices" in metadata else value
+        raise ConfigError(f"{source}: {name}={shown}{problem}")
+    return value
+
+
+def _check_allowed(value: Any, metadata) -> str | None:
+    """What is wrong with `value` under a field's `choices`/`ge`/`le`/`lt` (see `setting`), or None."""
+    choices = metadata.get("choices")
+    if choices is not None and value not in choices:
+        return f"{_suggest(str(value), [str(c) for c in choices])}; allowed: {', '.join(map(str, choices))}"
+    ge, le, lt = metadata.get("ge"), metadata.get("le"), metadata.get("lt")
+    if ge is None and le is None and lt is None:
+        return None
+    if (math.isfinite(value) and (ge is None or value >= ge) and (le is None or value <= le)
+            and (lt is None or value < lt)):
+        return None
+    return " must be " + _range_text(metadata, isinstance(value, float))
+
+
+def _range_text(metadata, is_float: bool) -> str:
+    ge, le, lt = metadata.get("ge"), metadata.get("le"), metadata.get("lt")
+    if le is None and lt is None:
+        return ("a finite number " if is_float else "") + f">= {ge}"
+    if ge is None:
+        return f"<= {le}" if lt is None else f"< {lt}"
+    return f"in [{ge}, {le}]" if lt is None else f"in [{ge}, {lt})"
+
+
+def _allowed_text(metadata) -> str:
+    """The allowed values of a field, for the config reference."""
+    if "choices" in metadata:
+        return f"One of {', '.join(map(str, metadata['choices']))}."
+    if any(k in metadata for k in ("ge", "le", "lt")):
+        return f"Must be {_range_text(metadata, False)}."
+    return ""
+
+
+def _coerce(name: str, value: Any, ftype, source: str, from_text: bool):
     def bad(expected: str):
         return ConfigError(f"{source}: {name}={value!r} is not {expected}")
 
@@ -553,7 +594,7 @@ def _coerce(name: str, value: Any, ftype, choices, source: str, from_text: bool)
                 value = [v for v in text.split(",") if v.strip()]
         if not isinstance(value, list):
             raise bad(f"a list of {item_type.__name__}")
-        return [_coerce(name, v, item_type, None, source, from_text and isinstance(v, str)) for v in value]
+        return [_coerce(name, v, item_type, source, from_text and isinstance(v, str)) for v in value]
     if ftype is bool:
         if from_text:
             lowered = str(value).strip().lower()
@@ -585,8 +626,6 @@ def _coerce(name: str, value: Any, ftype, choices, source: str, from_text: bool)
     if ftype is str:
         if not isinstance(value, str):
             raise bad("a string")
-        if choices and value not in choices:
-            raise ConfigError(f"{source}: {name}={value!r}{_suggest(value, choices)}; allowed: {', '.join(choices)}")
         return value
     raise ConfigError(f"{name}: unsupported field type {ftype}")  # pragma: no cover
 

@@ -10,6 +10,9 @@ with Muon the matrices get their own optimizer.
 Takes plain arguments so that the trainer's config sections map onto them one
 to one (`optimizer.*` -> `build_optimizers`, `lr_scheduler.*` ->
 `build_lr_schedulers`, `training.max_norm` -> `clip_grad_norm_`).
+The builders' arguments are keyword-only and have no defaults: the config's
+sections hold the only defaults, and the config checks every value when it is
+loaded.
 """
 
 from __future__ import annotations
@@ -30,10 +33,18 @@ from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 GROUPS = ("matrix", "embedding", "head", "scalar")
-OPTIMIZERS = ("adamw", "muon")
-IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
+_MUON_TAKES_MATRICES = {"adamw": False, "muon": True}
+OPTIMIZERS = tuple(_MUON_TAKES_MATRICES)
+_ADAMW_KERNELS = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}
+IMPLEMENTATIONS = tuple(_ADAMW_KERNELS)
 MUON_ADJUST_LR = ("original", "match_rms_adamw")
-DECAY_TYPES = ("linear", "sqrt", "cosine")
+"""torch.optim.Muon's `adjust_lr_fn` values."""
+_DECAY_SHAPES: dict[str, Callable[[float], float]] = {
+    "linear": lambda progress: 1.0 - progress,
+    "sqrt": lambda progress: 1.0 - math.sqrt(progress),
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+}
+DECAY_TYPES = tuple(_DECAY_SHAPES)
 
 LR_REFERENCE_DIM = 768
 """Width at which nanochat tuned its AdamW learning rates; `dim_lr_scaling`
@@ -140,22 +151,23 @@ class OptimizersContainer:
 
 def build_optimizers(
     model: nn.Module,
-    name: str = "adamw",
-    lr: float = 1e-2,
-    beta1: float = 0.9,
-    beta2: float = 0.95,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    implementation: str = "fused",
-    embedding_lr_mult: float = 30.0,
-    head_lr_mult: float = 4.0,
-    scalar_lr_mult: float = 0.2,
-    dim_lr_scaling: bool = False,
-    muon_lr: float = 0.02,
-    muon_momentum: float = 0.95,
-    muon_nesterov: bool = True,
-    muon_ns_steps: int = 5,
-    muon_adjust_lr: str = "original",
+    *,
+    name: str,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    implementation: str,
+    embedding_lr_mult: float,
+    head_lr_mult: float,
+    scalar_lr_mult: float,
+    dim_lr_scaling: bool,
+    muon_lr: float,
+    muon_momentum: float,
+    muon_nesterov: bool,
+    muon_ns_steps: int,
+    muon_adjust_lr: str,
 ) -> OptimizersContainer:
     """AdamW over all groups ("adamw"), or Muon for the matrices and AdamW for the rest ("muon").
 
@@ -165,7 +177,7 @@ def build_optimizers(
     to the matrices only, in whichever optimizer holds them: embeddings, head and
     scalars are never decayed. `implementation` is AdamW's kernel.
 
-    The defaults (matrices 0.01, embeddings 0.3, head 0.04, scalars 0.002) were
+    The config's defaults (matrices 0.01, embeddings 0.3, head 0.04, scalars 0.002) were
     the best of a sweep on the debug model (dim 64-128, a few hundred steps):
     one LR for all groups trains far slower, because the RMS-normed embeddings
     (init std 1) need large steps to move. Wider models want a lower `lr`.
@@ -175,24 +187,8 @@ def build_optimizers(
     0.2 * sqrt(max(rows, cols))); `muon_momentum`, `muon_nesterov` and
     `muon_ns_steps` (Newton-Schulz iterations) as in Keller Jordan's Muon.
     """
-    key = name.lower()
-    if key not in OPTIMIZERS:
-        raise ValueError(f"optimizer.name={name!r}: allowed {OPTIMIZERS}")
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"optimizer.implementation={implementation!r}: allowed {IMPLEMENTATIONS}")
-    if muon_adjust_lr not in MUON_ADJUST_LR:
-        raise ValueError(f"optimizer.muon_adjust_lr={muon_adjust_lr!r}: allowed {MUON_ADJUST_LR}")
-    for field, value in (("lr", lr), ("muon_lr", muon_lr), ("embedding_lr_mult", embedding_lr_mult),
-                         ("head_lr_mult", head_lr_mult), ("scalar_lr_mult", scalar_lr_mult),
-                         ("weight_decay", weight_decay), ("eps", eps)):
-        if not (value >= 0 and math.isfinite(value)):
-            raise ValueError(f"optimizer.{field}={value} must be a finite number >= 0")
-    for field, value in (("beta1", beta1), ("beta2", beta2), ("muon_momentum", muon_momentum)):
-        if not 0 <= value < 1:
-            raise ValueError(f"optimizer.{field}={value} must be in [0, 1)")
-    if muon_ns_steps < 1:
-        raise ValueError(f"optimizer.muon_ns_steps={muon_ns_steps} must be >= 1")
-
+    # The values are checked where the config is loaded (titan_lrt.config: ranges and these tuples).
+    muon = _MUON_TAKES_MATRICES[name.lower()]
     groups = parameter_groups(model)
     scale = 1.0
     if dim_lr_scaling:
@@ -204,14 +200,14 @@ def build_optimizers(
         decay = weight_decay if g == "matrix" else 0.0
         return {"name": g, "params": [p for _, p in groups[g]], "lr": lr, "weight_decay": decay}
 
-    adam_names = [g for g in GROUPS if groups[g] and not (key == "muon" and g == "matrix")]
-    impl = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}[implementation]
+    adam_names = [g for g in GROUPS if groups[g] and not (muon and g == "matrix")]
+    kernel = _ADAMW_KERNELS[implementation]
     optimizers: list[torch.optim.Optimizer] = [
         torch.optim.AdamW(
-            [group(g, lr * mults[g] * scale) for g in adam_names], betas=(beta1, beta2), eps=eps, **impl
+            [group(g, lr * mults[g] * scale) for g in adam_names], betas=(beta1, beta2), eps=eps, **kernel
         )
     ]
-    if key == "muon":
+    if muon:
         optimizers.append(
             torch.optim.Muon(
                 [group("matrix", muon_lr)],
@@ -241,13 +237,7 @@ def lr_factor(
     if decay_steps == 0 or step < decay_start:
         return 1.0
     progress = min(step - decay_start + 1, decay_steps + 1) / (decay_steps + 1)
-    if decay_type == "linear":
-        shape = 1.0 - progress
-    elif decay_type == "sqrt":
-        shape = 1.0 - math.sqrt(progress)
-    else:
-        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return min_lr_factor + (1.0 - min_lr_factor) * shape
+    return min_lr_factor + (1.0 - min_lr_factor) * _DECAY_SHAPES[decay_type](progress)
 
 
 def decay_steps_of(steps: int, warmup_steps: int, decay_ratio: float | None) -> int:
@@ -298,11 +288,12 @@ class LRSchedulersContainer:
 
 def build_lr_schedulers(
     optimizers: OptimizersContainer,
+    *,
     steps: int,
-    warmup_steps: int = 10,
-    decay_ratio: float | None = 0.2,
-    decay_type: str = "linear",
-    min_lr_factor: float = 0.0,
+    warmup_steps: int,
+    decay_ratio: float | None,
+    decay_type: str,
+    min_lr_factor: float,
 ) -> LRSchedulersContainer:
     """Linear warmup, constant, then decay over the last `decay_ratio` of `steps`
     (warmup-stable-decay); see `lr_factor` for the exact values.
@@ -311,16 +302,7 @@ def build_lr_schedulers(
     Call `step()` once after each optimizer step; the schedule's shape comes
     from these arguments, not from a loaded state (which restores the step).
     """
-    if steps < 1:
-        raise ValueError(f"training.steps={steps} must be >= 1")
-    if warmup_steps < 0:
-        raise ValueError(f"lr_scheduler.warmup_steps={warmup_steps} must be >= 0")
-    if decay_ratio is not None and not 0 <= decay_ratio <= 1:
-        raise ValueError(f"lr_scheduler.decay_ratio={decay_ratio} must be None or in [0, 1]")
-    if decay_type not in DECAY_TYPES:
-        raise ValueError(f"lr_scheduler.decay_type={decay_type!r}: allowed {DECAY_TYPES}")
-    if not 0 <= min_lr_factor <= 1:
-        raise ValueError(f"lr_scheduler.min_lr_factor={min_lr_factor} must be in [0, 1]")
+    # Each value's range and choice is checked where the config is loaded; here what they need together.
     decay_steps = decay_steps_of(steps, warmup_steps, decay_ratio)
     if decay_steps < 0 or warmup_steps + decay_steps > steps:
         raise ValueError(

@@ -52,7 +52,9 @@ class Trainer:
     def __init__(self, config: Config):
         self.config = config
         t = config.training
-        self.dist: DistInfo = init_distributed(t.device, config.parallelism.process_group_timeout_seconds)
+        self.dist: DistInfo = init_distributed(
+            device=t.device, timeout_s=config.parallelism.process_group_timeout_seconds
+        )
         self.device = self.dist.device
         if self.device.type == "cpu":
             keep_freed_memory()

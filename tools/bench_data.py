@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
                 num_streams=args.num_streams,
                 packing=packing,
                 num_workers=num_workers,
+                text_column="text",
+                seed=0,
+                streaming=False,
             )
             next(loader)  # start-up (worker fork, first reads) is not timed
             start = time.perf_counter()

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_step import peak_memory  # noqa: E402
 
+from titan_lrt.config import Parallelism  # noqa: E402
 from titan_lrt.cpu_allocator import keep_freed_memory  # noqa: E402
 from titan_lrt.model.args import LRTArgs, ModelArgs  # noqa: E402
 from titan_lrt.model.schedule import run_schedule  # noqa: E402
@@ -62,7 +63,7 @@ def build(a, variant: str, reshard: str, mesh) -> Transformer:
     model = Transformer(args)
     model.init_weights()
     model.init_buffers(torch.device("cpu"))
-    apply_fsdp(model, mesh, torch.float32, torch.float32, reshard)
+    apply_fsdp(model, mesh, torch.float32, torch.float32, reshard_after_forward=reshard)
     return model
 
 
@@ -91,7 +92,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     a = p.parse_args()
     keep_freed_memory()
-    info = init_distributed("cpu")
+    info = init_distributed(device="cpu", timeout_s=Parallelism().process_group_timeout_seconds)
     mesh = build_dp_mesh("cpu", info.world_size, 1)
     g = torch.Generator().manual_seed(info.rank)
     batches = [(torch.randint(1, a.vocab, (a.batch, a.seq_len), generator=g),

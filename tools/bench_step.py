@@ -90,8 +90,9 @@ def build(a, variant: str, compiled: bool, ac: str, float8: bool, device) -> Tra
     with torch.device("meta"):
         model = Transformer(args)
     if float8:
-        apply_float8(model, "tensorwise", emulate=device.type != "cuda", fsdp=False)
-    apply_activation_checkpointing(model, *AC[ac])
+        apply_float8(model, recipe="tensorwise", emulate=device.type != "cuda", fsdp=False)
+    mode, option = AC[ac]
+    apply_activation_checkpointing(model, mode=mode, selective_option=option)
     if compiled:
         apply_compile(model)
     model.to_empty(device=device)

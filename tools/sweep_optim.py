@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from titan_lrt.config import LRScheduler, Optimizer
 from titan_lrt.model.args import LRTArgs, ModelArgs
 from titan_lrt.model.schedule import run_schedule
 from titan_lrt.model.transformer import Transformer
@@ -46,8 +47,10 @@ def run(settings: dict, args: argparse.Namespace, seed: int) -> float:
     )
     model = Transformer(model_args)
     model.init_weights()
-    optimizers = build_optimizers(model, **settings)
-    schedulers = build_lr_schedulers(optimizers, args.steps, warmup_steps=10, decay_ratio=0.2)
+    optimizers = build_optimizers(model, **{**vars(Optimizer()), **settings})  # the config's defaults, changed
+    schedulers = build_lr_schedulers(
+        optimizers, steps=args.steps, **{**vars(LRScheduler()), "warmup_steps": 10, "decay_ratio": 0.2}
+    )
     g = torch.Generator().manual_seed(1000 + seed)
     for _ in range(args.steps):
         tokens, targets = sample(chain, args.batch, g)

@@ -32,11 +32,14 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from titan_lrt.data.packing import PACKING_MODES, row_packer
+from titan_lrt.data.packing import row_packer
 from titan_lrt.data.sources import Documents, load_documents
 from titan_lrt.data.streams import StreamState, TextEncoder, TokenStream
 
 _SETTINGS = ("num_streams", "seq_len", "packing", "seed")
+NUM_WORKERS = (0, 1)
+"""Background tokenization workers a loader may use (data.num_workers): each stream is packed
+sequentially, and one worker already tokenizes off the training process."""
 
 
 class PackedRowsDataset(IterableDataset):
@@ -51,9 +54,9 @@ class PackedRowsDataset(IterableDataset):
         local_batch_size: int,
         dp_rank: int = 0,
         dp_world_size: int = 1,
-        num_streams: int = 64,
-        packing: str = "bos_aligned",
-        seed: int = 0,
+        num_streams: int,
+        packing: str,
+        seed: int,
     ):
         _check_positive_int("seq_len", seq_len)
         _check_positive_int("local_batch_size", local_batch_size)
@@ -151,8 +154,8 @@ class TokenBatchLoader:
     from a (merged) state.
     """
 
-    def __init__(self, dataset: PackedRowsDataset, *, num_workers: int = 0, pin_memory: bool = False):
-        if num_workers not in (0, 1):
+    def __init__(self, dataset: PackedRowsDataset, *, num_workers: int, pin_memory: bool = False):
+        if num_workers not in NUM_WORKERS:
             raise ValueError(
                 f"num_workers must be 0 or 1, got {num_workers!r}: each stream is packed "
                 "sequentially, and one worker already tokenizes off the training process"
@@ -229,15 +232,15 @@ def build_dataloader(
     tokenizer: TextEncoder,
     seq_len: int,
     local_batch_size: int,
-    split: str = "train",
-    text_column: str = "text",
+    split: str,
+    text_column: str,
     dp_rank: int = 0,
     dp_world_size: int = 1,
-    num_streams: int = 64,
-    packing: str = "bos_aligned",
-    seed: int = 0,
-    num_workers: int = 0,
-    streaming: bool = False,
+    num_streams: int,
+    packing: str,
+    seed: int,
+    num_workers: int,
+    streaming: bool,
     hub_config: str | None = None,
     txt_sample_by: str = "document",
     pin_memory: bool = False,
@@ -245,10 +248,10 @@ def build_dataloader(
     """A resumable loader of packed token batches for one data-parallel rank.
 
     `source`: a local file/directory, a hub dataset name (with `streaming=True`)
-    or a loaded dataset (see `sources.py`); `packing` is one of `PACKING_MODES`.
+    or a loaded dataset (see `sources.py`); `packing` is one of `PACKING_MODES`. The
+    arguments the config sets (data.*, training.seed) have no defaults here: the
+    config's are the only ones.
     """
-    if packing not in PACKING_MODES:
-        raise ValueError(f"packing must be one of {PACKING_MODES}, got {packing!r}")
     documents = load_documents(
         source,
         split=split,

@@ -32,8 +32,6 @@ import torch
 
 from titan_lrt.data.streams import TokenStream
 
-PACKING_MODES = ("concat", "bos_aligned")
-
 
 def pack_concat_row(stream: TokenStream, row_len: int) -> torch.Tensor:
     """The next `row_len` tokens of the concatenated stream, overlapping the last row by one."""
@@ -79,10 +77,16 @@ def pack_bos_aligned_row(stream: TokenStream, row_len: int) -> torch.Tensor:
     return torch.cat(pieces)
 
 
+_PACKERS: dict[str, Callable[[TokenStream, int], torch.Tensor]] = {
+    "concat": pack_concat_row,
+    "bos_aligned": pack_bos_aligned_row,
+}
+PACKING_MODES = tuple(_PACKERS)
+"""data.packing: how documents become rows (see the functions above)."""
+
+
 def row_packer(packing: str) -> Callable[[TokenStream, int], torch.Tensor]:
     """The packing function named `packing` (one of `PACKING_MODES`)."""
-    if packing == "concat":
-        return pack_concat_row
-    if packing == "bos_aligned":
-        return pack_bos_aligned_row
+    if packing in _PACKERS:
+        return _PACKERS[packing]
     raise ValueError(f"packing must be one of {PACKING_MODES}, got {packing!r}")

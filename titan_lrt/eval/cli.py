@@ -128,7 +128,8 @@ def _bits_per_byte(args, loaded: LoadedModel, amp, progress: bool) -> dict:
     source = ensure_stdlib_corpus(config.data.corpus_path, show_progress=progress) if data == "stdlib" else data
     loader = build_dataloader(
         source, tokenizer=loaded.tokenizer, seq_len=seq_len, local_batch_size=args.batch_size, split=args.split,
-        text_column=config.data.text_column, num_streams=1, packing="concat", streaming=config.data.streaming,
+        text_column=config.data.text_column, num_streams=1, packing="concat", seed=config.training.seed,
+        num_workers=0, streaming=config.data.streaming,
     )
     device = model.rope_cos.device
     batches = (tuple(x.to(device) for x in b) for _, b in zip(range(args.batches), loader))

@@ -21,7 +21,9 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from titan_lrt.model.transformer import Transformer
 
-MODES = ("none", "full", "selective")
+_WRAPS = {"none": False, "full": True, "selective": True}
+MODES = tuple(_WRAPS)
+"""activation_checkpoint.mode (see the module docstring)."""
 
 _SAVED_OPS = {
     torch.ops.aten.mm.default,
@@ -38,11 +40,9 @@ def _save_matmuls(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_activation_checkpointing(model: Transformer, mode: str, selective_option: str = "op") -> None:
+def apply_activation_checkpointing(model: Transformer, *, mode: str, selective_option: str) -> None:
     """Wrap blocks in place (before compile and FSDP)."""
-    if mode not in MODES:
-        raise ValueError(f"activation_checkpoint.mode={mode!r}: allowed {MODES}")
-    if mode == "none":
+    if not _WRAPS[mode]:
         return
     every = 1
     context_fn = None

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+DEVICES = ("auto", "cpu", "cuda")
+"""What `init_distributed` trains on ("auto": cuda when available)."""
+
 
 @dataclass
 class DistInfo:
@@ -23,7 +26,7 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+def init_distributed(*, device: str, timeout_s: float) -> DistInfo:
     """Join the process group torchrun describes (NCCL on GPU, gloo on CPU).
 
     A single process (WORLD_SIZE unset or 1) runs without a process group.

@@ -18,6 +18,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from titan_lrt.model.transformer import Transformer
 
 RESHARD_POLICIES = ("default", "always", "never")
+"""parallelism.fsdp_reshard_after_forward: see `apply_fsdp`."""
 
 # Blocks return views (transposed keys, unbound gates) that the schedules only read;
 # FSDP2 warns about in-place ops on such views, which never happen here.
@@ -66,7 +67,8 @@ def apply_fsdp(
     mesh: DeviceMesh,
     param_dtype: torch.dtype,
     reduce_dtype: torch.dtype,
-    reshard_after_forward: str = "default",
+    *,
+    reshard_after_forward: str,
 ) -> None:
     """Shard the model in place (works on the meta device, before initialisation).
 
@@ -76,15 +78,11 @@ def apply_fsdp(
     the S + 1 passes, the whole model's parameters resident); "always" frees
     all of them, the last block's too.
     """
-    if reshard_after_forward not in RESHARD_POLICIES:
-        raise ValueError(
-            f"parallelism.fsdp_reshard_after_forward={reshard_after_forward!r}: allowed {RESHARD_POLICIES}"
-        )
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     dp_mesh = mesh if mesh.mesh_dim_names is None else mesh[("dp_replicate", "dp_shard_cp")]
     n = len(model.layers)
     for i, block in enumerate(model.layers):
-        reshard = {"always": True, "never": False}.get(reshard_after_forward, i < n - 1)
+        reshard = {"default": i < n - 1, "always": True, "never": False}[reshard_after_forward]
         fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
     for unit in (model.tok_embeddings, model.feedback, model.lm_head):
         if unit is not None:

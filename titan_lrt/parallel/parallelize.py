@@ -17,7 +17,8 @@ from titan_lrt.parallel.fsdp import apply_fsdp, build_dp_mesh, check_mesh_degree
 
 logger = logging.getLogger("titan_lrt")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+"""The dtypes a config may name (training.mixed_precision, parallelism.mixed_precision_reduce)."""
 
 
 def parallelize(
@@ -31,14 +32,16 @@ def parallelize(
     p = config.parallelism
     check_mesh_degrees(world_size, p.data_parallel_replicate_degree, p.context_parallel_degree)
     if config.float8.enable:
-        converted = apply_float8(model, config.float8.recipe_name, config.float8.emulate, fsdp)
+        converted = apply_float8(model, recipe=config.float8.recipe_name, emulate=config.float8.emulate, fsdp=fsdp)
         logger.info(f"float8 ({config.float8.recipe_name}{', emulated' if config.float8.emulate else ''}): "
                     f"{len(converted)} linears")
-    apply_activation_checkpointing(model, config.activation_checkpoint.mode, config.activation_checkpoint.selective_ac_option)
+    ac = config.activation_checkpoint
+    apply_activation_checkpointing(model, mode=ac.mode, selective_option=ac.selective_ac_option)
     if config.compile.enable:
         apply_compile(model)
     if fsdp:
         mesh = build_dp_mesh(device.type, world_size, p.data_parallel_replicate_degree, p.context_parallel_degree)
-        apply_fsdp(model, mesh, compute_dtype, DTYPES[p.mixed_precision_reduce], p.fsdp_reshard_after_forward)
+        apply_fsdp(model, mesh, compute_dtype, DTYPES[p.mixed_precision_reduce],
+                   reshard_after_forward=p.fsdp_reshard_after_forward)
         return mesh
     return None
