@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from titan_lrt import checkpoint, optim
+from titan_lrt.allowed import problem
 from titan_lrt.config import (
     GRADIENT_SYNC,
     NONFINITE_POLICIES,
     SECTIONS,
     Config,
     ConfigError,
-    _check_allowed,
     config_reference,
     load_config,
     validate,
@@ -184,7 +184,7 @@ def test_defaults_are_allowed_values():
     for name in SECTIONS:
         section = getattr(config, name)
         for f in dataclasses.fields(section):
-            assert _check_allowed(getattr(section, f.name), f.metadata) is None, f"{name}.{f.name}"
+            assert problem(getattr(section, f.name), f.metadata) is None, f"{name}.{f.name}"
     validate(config)
 
 
@@ -210,3 +210,26 @@ def test_builders_take_config_owned_arguments_by_keyword_without_defaults(builde
         p = parameters[name]
         assert p.kind is inspect.Parameter.KEYWORD_ONLY, f"{builder.__name__}({name}) must be keyword-only"
         assert p.default is inspect.Parameter.empty, f"{builder.__name__}({name}) has a default besides the config's"
+
+
+def test_allowed_is_a_leaf_module():
+    """titan_lrt.allowed is shared by the config and model/ (which imports nothing upward)."""
+    import ast
+
+    import titan_lrt.allowed
+
+    tree = ast.parse(Path(titan_lrt.allowed.__file__).read_text())
+    modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in modules if m and m.startswith("titan_lrt")], modules
+
+
+def test_model_args_check_their_fields_with_the_same_mechanism():
+    from titan_lrt.model.args import LRTArgs, ModelArgs
+
+    with pytest.raises(ValueError, match=r"^model\.value_embeds='every'; allowed: none, alternate, all$"):
+        ModelArgs(value_embeds="every")
+    with pytest.raises(ValueError, match=r"^lrt\.jacobi_passes=0 must be >= 1$"):
+        ModelArgs(lrt=LRTArgs(jacobi_passes=0))
+    with pytest.raises(ValueError, match=r"^lrt\.pass0_weight=-1\.0 must be a finite number >= 0$"):
+        ModelArgs(lrt=LRTArgs(pass0_weight=-1.0))

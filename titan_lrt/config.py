@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import inspect
 import json
-import math
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from titan_lrt.allowed import allowed_text, message, setting, suggest
 from titan_lrt.checkpoint import ASYNC_MODES
 from titan_lrt.data.loader import NUM_WORKERS
 from titan_lrt.data.packing import PACKING_MODES
@@ -46,15 +45,6 @@ NONFINITE_POLICIES = ("stop", "skip")
 """training.nonfinite, which the trainer branches on."""
 GRADIENT_SYNC = ("last_micro_batch", "every_micro_batch")
 """parallelism.gradient_sync, which the trainer branches on."""
-
-
-def setting(default: Any, *, choices: tuple | None = None, ge: float | None = None, le: float | None = None,
-            lt: float | None = None):
-    """A config field: its default (the only one: builders take no defaults) and the values it
-    allows -- one of `choices`, or a number >= ge and <= le or < lt. `_check_allowed` checks
-    them when a value is set; each module that branches on a choice exports its tuple."""
-    allowed = {"choices": choices, "ge": ge, "le": le, "lt": lt}
-    return field(default=default, metadata={k: v for k, v in allowed.items() if v is not None})
 
 
 @dataclass
@@ -453,7 +443,7 @@ def load_config(argv: list[str]) -> tuple[Config, bool]:
 
 def validate(config: Config) -> None:
     """Cross-field checks, before any heavy work (each value's own range and choices were
-    checked by `_check_allowed` when it was set)."""
+    checked by `titan_lrt.allowed.problem` when it was set)."""
     t = config.training
     if t.global_batch_size % t.local_batch_size:
         raise ConfigError(
@@ -503,7 +493,7 @@ def config_reference() -> str:
             if f.metadata.get("internal"):
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            meaning = " ".join(filter(None, [docs.get(f.name, ""), _allowed_text(f.metadata)]))
+            meaning = " ".join(filter(None, [docs.get(f.name, ""), allowed_text(f.metadata)]))
             out.append(f"| `{f.name}` | `{_toml_value(default)}` | {meaning} |")
         if name == "model":
             out.append(
@@ -518,7 +508,7 @@ def config_reference() -> str:
 
 def _set(config: Config, section: str, key: str, value: Any, source: str, from_text: bool = False) -> None:
     if section not in SECTIONS:
-        raise ConfigError(f"{source}: unknown section [{section}]{_suggest(section, SECTIONS)}; allowed: {', '.join(SECTIONS)}")
+        raise ConfigError(f"{source}: unknown section [{section}]{suggest(section, SECTIONS)}; allowed: {', '.join(SECTIONS)}")
     target = getattr(config, section)
     fields = {f.name: f for f in dataclasses.fields(target) if not f.metadata.get("internal")}
     if section == "model" and key in MODEL_OVERRIDES:
@@ -528,7 +518,7 @@ def _set(config: Config, section: str, key: str, value: Any, source: str, from_t
         return
     if key not in fields:
         allowed = list(fields) + (list(MODEL_OVERRIDES) if section == "model" else [])
-        raise ConfigError(f"{source}: unknown key {section}.{key}{_suggest(key, allowed)}; allowed: {', '.join(allowed)}")
+        raise ConfigError(f"{source}: unknown key {section}.{key}{suggest(key, allowed)}; allowed: {', '.join(allowed)}")
     f = fields[key]
     ftype = typing.get_type_hints(type(target))[key]
     setattr(target, key, _checked(f"{section}.{key}", value, ftype, f.metadata, source, from_text))
@@ -537,43 +527,10 @@ def _set(config: Config, section: str, key: str, value: Any, source: str, from_t
 def _checked(name: str, value: Any, ftype, metadata, source: str, from_text: bool):
     """The value as the field's type, if the field allows it."""
     value = _coerce(name, value, ftype, source, from_text)
-    problem = _check_allowed(value, metadata)
-    if problem:
-        shown = repr(value) if "choices" in metadata else value
-        raise ConfigError(f"{source}: {name}={shown}{problem}")
+    wrong = message(name, value, metadata)
+    if wrong:
+        raise ConfigError(f"{source}: {wrong}")
     return value
-
-
-def _check_allowed(value: Any, metadata) -> str | None:
-    """What is wrong with `value` under a field's `choices`/`ge`/`le`/`lt` (see `setting`), or None."""
-    choices = metadata.get("choices")
-    if choices is not None and value not in choices:
-        return f"{_suggest(str(value), [str(c) for c in choices])}; allowed: {', '.join(map(str, choices))}"
-    ge, le, lt = metadata.get("ge"), metadata.get("le"), metadata.get("lt")
-    if ge is None and le is None and lt is None:
-        return None
-    if (math.isfinite(value) and (ge is None or value >= ge) and (le is None or value <= le)
-            and (lt is None or value < lt)):
-        return None
-    return " must be " + _range_text(metadata, isinstance(value, float))
-
-
-def _range_text(metadata, is_float: bool) -> str:
-    ge, le, lt = metadata.get("ge"), metadata.get("le"), metadata.get("lt")
-    if le is None and lt is None:
-        return ("a finite number " if is_float else "") + f">= {ge}"
-    if ge is None:
-        return f"<= {le}" if lt is None else f"< {lt}"
-    return f"in [{ge}, {le}]" if lt is None else f"in [{ge}, {lt})"
-
-
-def _allowed_text(metadata) -> str:
-    """The allowed values of a field, for the config reference."""
-    if "choices" in metadata:
-        return f"One of {', '.join(map(str, metadata['choices']))}."
-    if any(k in metadata for k in ("ge", "le", "lt")):
-        return f"Must be {_range_text(metadata, False)}."
-    return ""
 
 
 def _coerce(name: str, value: Any, ftype, source: str, from_text: bool):
@@ -628,11 +585,6 @@ def _coerce(name: str, value: Any, ftype, source: str, from_text: bool):
             raise bad("a string")
         return value
     raise ConfigError(f"{name}: unsupported field type {ftype}")  # pragma: no cover
-
-
-def _suggest(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _toml_value(value: Any) -> str:

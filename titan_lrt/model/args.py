@@ -10,6 +10,9 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
+from titan_lrt import allowed
+from titan_lrt.allowed import setting
+
 LRT_MODES = ("off", "interleaved", "jacobi")
 PROJECTIONS = ("shared", "layerwise")
 VALUE_EMBED_MODES = ("none", "alternate", "all")
@@ -20,7 +23,7 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 class LRTArgs:
     """The latent recurrent pathway and the schedule that trains it."""
 
-    mode: str = field(default="off", metadata={"choices": LRT_MODES})
+    mode: str = setting("off", choices=LRT_MODES)
     """Training schedule: "off" (the plain baseline, no pathway), "interleaved"
     (pass 0 + S subset passes, DESIGN 2.4) or "jacobi" (K full passes)."""
 
@@ -38,7 +41,7 @@ class LRTArgs:
     kv_feedback: bool = True
     """Mix W_K m_t and W_V m_t into each injected block's keys and values."""
 
-    projection: str = field(default="shared", metadata={"choices": PROJECTIONS})
+    projection: str = setting("shared", choices=PROJECTIONS)
     """Feedback projections W_K, W_V: "shared" by all layers (computed once per
     pass) or "layerwise" (one pair per injected layer)."""
 
@@ -49,7 +52,7 @@ class LRTArgs:
     """Zero the memory at every BOS token, so that memory never crosses packed
     documents (position 0 is always reset)."""
 
-    num_subsets: int = 2
+    num_subsets: int = setting(2, ge=1)
     """Interleaved: number S of disjoint position subsets {t : t mod S == i}."""
 
     kv_refresh: bool = False
@@ -60,10 +63,10 @@ class LRTArgs:
     """Interleaved/Jacobi: cut the gradient between passes, so that each pass
     can run its backward as soon as it ends (lower peak memory)."""
 
-    pass0_weight: float = 1.0
+    pass0_weight: float = setting(1.0, ge=0)
     """Interleaved: loss weight w_0 of pass 0; loss = (w_0 L_0 + sum_i L_i) / (w_0 + S)."""
 
-    jacobi_passes: int = 2
+    jacobi_passes: int = setting(2, ge=1)
     """Jacobi: number K of full passes (the first one with zero memory)."""
 
     jacobi_weights: list[float] = field(default_factory=list)
@@ -105,7 +108,7 @@ class ModelArgs:
     logit_softcap: float = 15.0
     """Logits are capped as c * tanh(logits / c) in fp32 (0 disables)."""
 
-    value_embeds: str = field(default="none", metadata={"choices": VALUE_EMBED_MODES})
+    value_embeds: str = setting("none", choices=VALUE_EMBED_MODES)
     """Token-indexed value embeddings added to V through a gate: "none",
     "alternate" (every other layer, the last included) or "all"."""
 
@@ -120,7 +123,7 @@ class ModelArgs:
     short_window: int = 0
     """Width of an "S" window in tokens (0: max_seq_len // 2)."""
 
-    attention_backend: str = field(default="auto", metadata={"choices": ATTENTION_BACKENDS})
+    attention_backend: str = setting("auto", choices=ATTENTION_BACKENDS)
     """Attention kernels: "sdpa" (fused SDPA; subset passes merge causal sub-blocks by
     log-sum-exp), "flex" (FlexAttention block masks; GPU only for training, it has
     no CPU backward) or "auto" (flex for subset passes and windows on CUDA, sdpa
@@ -193,38 +196,30 @@ class ModelArgs:
         return new
 
     def validate(self) -> None:
-        """Fail with one clear message on an inconsistent combination."""
+        """Fail with one clear message on a value its field does not allow or an inconsistent combination."""
+        _check_fields(self, "model")
+        _check_fields(self.lrt, "lrt")
         _check(self.dim % self.n_heads == 0, f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
         _check(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
         _check(
             self.n_kv_heads >= 0 and self.n_heads % self.kv_heads == 0,
             f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}",
         )
-        _check(self.value_embeds in VALUE_EMBED_MODES, f"model.value_embeds={self.value_embeds!r}: allowed {VALUE_EMBED_MODES}")
         _check(
             self.window_pattern and set(self.window_pattern) <= {"S", "L"},
             f"model.window_pattern={self.window_pattern!r}: use only the letters S and L",
         )
-        _check(
-            self.attention_backend in ATTENTION_BACKENDS,
-            f"model.attention_backend={self.attention_backend!r}: allowed {ATTENTION_BACKENDS}",
-        )
         _check(0 <= self.gate_channels <= self.dim, f"model.gate_channels={self.gate_channels} must be in [0, dim={self.dim}]")
         _check(0 <= self.bos_token_id < self.vocab_size, f"model.bos_token_id={self.bos_token_id} outside the vocabulary")
         lrt = self.lrt
-        _check(lrt.mode in LRT_MODES, f"lrt.mode={lrt.mode!r}: allowed {LRT_MODES}")
-        _check(lrt.projection in PROJECTIONS, f"lrt.projection={lrt.projection!r}: allowed {PROJECTIONS}")
         _check(
             -self.n_layers <= lrt.source_layer < self.n_layers,
             f"lrt.source_layer={lrt.source_layer}: allowed -{self.n_layers}..{self.n_layers - 1}",
         )
-        _check(lrt.num_subsets >= 1, f"lrt.num_subsets={lrt.num_subsets} must be >= 1")
-        _check(lrt.jacobi_passes >= 1, f"lrt.jacobi_passes={lrt.jacobi_passes} must be >= 1")
         _check(
             not lrt.jacobi_weights or len(lrt.jacobi_weights) == lrt.jacobi_passes,
             f"lrt.jacobi_weights has {len(lrt.jacobi_weights)} entries, lrt.jacobi_passes={lrt.jacobi_passes}",
         )
-        _check(lrt.pass0_weight >= 0, f"lrt.pass0_weight={lrt.pass0_weight} must be >= 0")
         if lrt.enabled:
             _check(
                 lrt.residual_injection or lrt.kv_feedback,
@@ -255,6 +250,14 @@ def parse_layer_set(spec: str, n_layers: int) -> list[int]:
 def _check(ok, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _check_fields(args, section: str) -> None:
+    """Each field's own allowed values (see titan_lrt.allowed)."""
+    for f in dataclasses.fields(args):
+        wrong = allowed.message(f"{section}.{f.name}", getattr(args, f.name), f.metadata)
+        if wrong:
+            raise ValueError(wrong)
 
 
 def args_from_depth(depth: int, **overrides) -> ModelArgs:
