@@ -177,6 +177,7 @@ def test_module_dispatch_covers_exactly_the_exported_values():
     assert optim.DECAY_TYPES == tuple(optim._DECAY_SHAPES)
     assert packing.PACKING_MODES == tuple(packing._PACKERS)
     assert activation_checkpoint.MODES == tuple(activation_checkpoint._WRAPS)
+    assert checkpoint.ASYNC_MODES == tuple(checkpoint._ASYNC_WRITERS)
 
 
 def test_defaults_are_allowed_values():

@@ -62,7 +62,8 @@ logger = logging.getLogger(__name__)
 # when asked for exactly that with no_dist=True.
 warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)", category=UserWarning)
 
-ASYNC_MODES = ("disabled", "async", "async_process")
+_ASYNC_WRITERS = {"disabled": None, "async": AsyncCheckpointerType.THREAD, "async_process": AsyncCheckpointerType.PROCESS}
+ASYNC_MODES = tuple(_ASYNC_WRITERS)
 """checkpoint.async_mode: see `CheckpointManager`."""
 MARKER = "complete.json"
 RUN_TOKENIZER = "tokenizer.json"
@@ -306,6 +307,7 @@ class CheckpointManager:
         self.interval = interval
         self.keep_latest_k = keep_latest_k
         self.async_mode = async_mode
+        self._async_writer = _ASYNC_WRITERS[async_mode]
         self.load_setting = load
         self.initial_load_path = Path(initial_load_path) if initial_load_path else None
         self.initial_load_model_only = initial_load_model_only
@@ -352,8 +354,7 @@ class CheckpointManager:
             if self.rank == 0:
                 self._commit(step, partial, started)
         else:
-            kind = AsyncCheckpointerType.PROCESS if self.async_mode == "async_process" else AsyncCheckpointerType.THREAD
-            future = dcp.async_save(state_dict, async_checkpointer_type=kind, **kwargs)
+            future = dcp.async_save(state_dict, async_checkpointer_type=self._async_writer, **kwargs)
             self._pending = _PendingSave(step, partial, started, future)
             logger.info("checkpoint step %d: staged in %.2f s, writing in the background", step, time.perf_counter() - started)
         self._last_saved = step
