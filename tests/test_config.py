@@ -74,6 +74,8 @@ def test_resolved_config_reads_back_identically(tmp_path):
         (["--optimizer.lr=inf"], "optimizer.lr=inf must be a finite number >= 0"),
         (["--lr_scheduler.decay_ratio=-0.5"], "lr_scheduler.decay_ratio=-0.5 must be in [0, 1]"),
         (["--training.global_batch_size=-8"], "training.global_batch_size=-8 must be >= 0"),
+        (["--activation_checkpoint.mode=selective", "--activation_checkpoint.selective_ac_option=every"],
+         "activation_checkpoint.selective_ac_option='every': allowed \"op\" or a positive integer N"),
         (["--config", "/nonexistent.toml"], "--config /nonexistent.toml: no such file"),
         (["positional"], "unexpected argument 'positional'"),
     ],

@@ -31,6 +31,7 @@ from titan_lrt.data.packing import PACKING_MODES
 from titan_lrt.model.args import FLAVORS, LRTArgs, ModelArgs
 from titan_lrt.optim import DECAY_TYPES, IMPLEMENTATIONS, MUON_ADJUST_LR, OPTIMIZERS
 from titan_lrt.parallel.activation_checkpoint import MODES as AC_MODES
+from titan_lrt.parallel.activation_checkpoint import selective_every
 from titan_lrt.parallel.distributed import DEVICES
 from titan_lrt.parallel.float8 import RECIPES
 from titan_lrt.parallel.fsdp import RESHARD_POLICIES
@@ -465,6 +466,11 @@ def validate(config: Config) -> None:
                 f"parallelism.context_parallel_degree={cp}: each chunk of seq_len / (2 x degree) positions "
                 "must hold every subset"
             )
+    if config.activation_checkpoint.mode == "selective":
+        try:
+            selective_every(config.activation_checkpoint.selective_ac_option)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     try:  # the model's own checks (sizes, LRT options), with a placeholder vocabulary
         config.model_args(vocab_size=max(config.model.vocab_size, 1), bos_token_id=0)
     except ValueError as e:
@@ -508,7 +514,9 @@ def config_reference() -> str:
 
 def _set(config: Config, section: str, key: str, value: Any, source: str, from_text: bool = False) -> None:
     if section not in SECTIONS:
-        raise ConfigError(f"{source}: unknown section [{section}]{suggest(section, SECTIONS)}; allowed: {', '.join(SECTIONS)}")
+        raise ConfigError(
+            f"{source}: unknown section [{section}]{suggest(section, SECTIONS)}; allowed: {', '.join(SECTIONS)}"
+        )
     target = getattr(config, section)
     fields = {f.name: f for f in dataclasses.fields(target) if not f.metadata.get("internal")}
     if section == "model" and key in MODEL_OVERRIDES:
@@ -518,7 +526,9 @@ def _set(config: Config, section: str, key: str, value: Any, source: str, from_t
         return
     if key not in fields:
         allowed = list(fields) + (list(MODEL_OVERRIDES) if section == "model" else [])
-        raise ConfigError(f"{source}: unknown key {section}.{key}{suggest(key, allowed)}; allowed: {', '.join(allowed)}")
+        raise ConfigError(
+            f"{source}: unknown key {section}.{key}{suggest(key, allowed)}; allowed: {', '.join(allowed)}"
+        )
     f = fields[key]
     ftype = typing.get_type_hints(type(target))[key]
     setattr(target, key, _checked(f"{section}.{key}", value, ftype, f.metadata, source, from_text))

@@ -40,25 +40,34 @@ def _save_matmuls(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def selective_every(selective_option: str) -> int | None:
+    """The N of selective option "N" (checkpoint every N-th block); None for "op" (every block,
+    saving matmul and attention outputs). The config checks the option with this when it loads."""
+    if selective_option == "op":
+        return None
+    try:
+        every = int(selective_option)
+    except ValueError:
+        every = 0
+    if every < 1:
+        raise ValueError(
+            f"activation_checkpoint.selective_ac_option={selective_option!r}: allowed \"op\" or a "
+            "positive integer N (checkpoint every N-th block)"
+        )
+    return every
+
+
 def apply_activation_checkpointing(model: Transformer, *, mode: str, selective_option: str) -> None:
     """Wrap blocks in place (before compile and FSDP)."""
     if not _WRAPS[mode]:
         return
-    every = 1
-    context_fn = None
+    every, context_fn = 1, None
     if mode == "selective":
-        if selective_option == "op":
+        n = selective_every(selective_option)
+        if n is None:
             context_fn = functools.partial(create_selective_checkpoint_contexts, _save_matmuls)
         else:
-            try:
-                every = int(selective_option)
-            except ValueError:
-                every = 0
-            if every < 1:
-                raise ValueError(
-                    f"activation_checkpoint.selective_ac_option={selective_option!r}: allowed \"op\" or a "
-                    "positive integer N (checkpoint every N-th block)"
-                )
+            every = n
     for i, block in enumerate(model.layers):
         if i % every == 0:
             kwargs = {"context_fn": context_fn} if context_fn is not None else {}
