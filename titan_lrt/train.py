@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import shutil
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -28,15 +26,32 @@ from titan_lrt.data.corpus import ensure_stdlib_corpus
 from titan_lrt.data.loader import build_dataloader, merge_loader_states
 from titan_lrt.data.tokenizer import Tokenizer, ensure_tokenizer
 from titan_lrt.eval.bpb import evaluate_bpb
-from titan_lrt.metrics import MetricsLogger, device_peak_flops, format_step_line, memory_stats
+from titan_lrt.metrics import (
+    MetricsLogger,
+    StepStats,
+    ThroughputWindow,
+    device_peak_flops,
+    format_step_line,
+    lrt_statistics,
+    memory_stats,
+    setup_logging,
+)
 from titan_lrt.model.accounting import count_parameters, step_flops
 from titan_lrt.model.schedule import StepResult, run_schedule
 from titan_lrt.model.transformer import IGNORE_INDEX, Transformer
 from titan_lrt.optim import build_lr_schedulers, build_optimizers, clip_grad_norm_
 from titan_lrt.parallel.context_parallel import ContextParallel
-from titan_lrt.parallel.distributed import DistInfo, init_distributed, shutdown
+from titan_lrt.parallel.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    seed_everything,
+    shutdown,
+)
 from titan_lrt.parallel.float8 import precompute_scales
-from titan_lrt.parallel.parallelize import DTYPES, parallelize
+from titan_lrt.parallel.parallelize import parallelize
+from titan_lrt.precision import compute_dtype
 from titan_lrt.preemption import StopRequest
 
 logger = logging.getLogger("titan_lrt")
@@ -56,9 +71,9 @@ class Trainer:
         self.device = self.dist.device
         if self.device.type == "cpu":
             keep_freed_memory()
-        _seed_everything(t.seed, t.deterministic)
+        seed_everything(t.seed, t.deterministic)
         self.dump_folder = Path(config.job.dump_folder)
-        self.compute_dtype = _compute_dtype(t.mixed_precision, self.device)
+        self.compute_dtype = compute_dtype(t.mixed_precision, self.device)
         self.fsdp = self.dist.world_size > 1
         # one process: autocast; FSDP: its mixed-precision policy casts the parameters
         use_autocast = not self.fsdp and self.compute_dtype != torch.float32
@@ -184,7 +199,7 @@ class Trainer:
         """Run fn on rank 0, then on the others (shared files are built once)."""
         if self.dist.is_main:
             fn()
-        _barrier()
+        barrier()
         if not self.dist.is_main:
             fn()
 
@@ -222,15 +237,13 @@ class Trainer:
 
     def train(self, stop: StopRequest) -> None:
         c = self.config
-        window_start, window_tokens = time.perf_counter(), 0
+        window = ThroughputWindow()
         while self.state.step < c.training.steps:
             stats = self.train_step()
-            window_tokens += stats["tokens"]
+            window.add(stats.tokens)
             step = self.state.step
             if step % c.metrics.log_freq == 0 or step == c.training.steps:
-                elapsed = time.perf_counter() - window_start
-                self._log_step(step, stats, window_tokens / elapsed)
-                window_start, window_tokens = time.perf_counter(), 0
+                self._log_step(step, stats, window.rate())
             if c.eval.interval and (step % c.eval.interval == 0 or step == c.training.steps):
                 self.evaluate()
             if stop.requested(self.device):
@@ -243,7 +256,7 @@ class Trainer:
         self.checkpointer.close()
         self.metrics.close()
 
-    def train_step(self) -> dict:
+    def train_step(self) -> StepStats:
         """One optimizer step over grad_accum micro-batches."""
         t = self.config.training
         micro_batches = [tuple(x.to(self.device, non_blocking=True) for x in next(self.batches))
@@ -262,7 +275,7 @@ class Trainer:
                     self.model, inputs, targets, backward=backward, loss_denominators=counts, layout=self.cp
                 )
             results.append(result)
-        loss = _all_reduce_sum(torch.stack([r.loss.detach() for r in results]).sum())
+        loss = all_reduce_sum(torch.stack([r.loss.detach() for r in results]).sum())
         grad_norm = clip_grad_norm_(self.model.parameters(), t.max_norm)
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         if finite:
@@ -277,7 +290,7 @@ class Trainer:
         tokens = self.global_batch * t.seq_len
         self.state.step += 1
         self.state.tokens_seen += tokens
-        return {"results": results, "loss": loss, "grad_norm": grad_norm, "tokens": tokens, "counts": counts}
+        return StepStats(results=results, loss=loss, grad_norm=grad_norm, tokens=tokens, counts=counts)
 
     def _global_target_counts(self, micro_batches) -> list[float]:
         """Scored targets of each pass over the whole global batch (all micro-batches, all ranks;
@@ -289,7 +302,7 @@ class Trainer:
             per_pass = [scored.sum()] + [scored[i::S].sum() for i in range(S)]
         else:
             per_pass = [scored.sum()] * (lrt.jacobi_passes if lrt.mode == "jacobi" else 1)
-        counts = _all_reduce_sum(torch.stack(per_pass).double()) / (self.cp.degree if self.cp else 1)
+        counts = all_reduce_sum(torch.stack(per_pass).double()) / (self.cp.degree if self.cp else 1)
         return [max(float(c), 1.0) for c in counts]
 
     def _set_gradient_sync(self, sync: bool) -> None:
@@ -313,21 +326,20 @@ class Trainer:
 
     # ---- logging and evaluation ----------------------------------------------------
 
-    def _log_step(self, step: int, stats: dict, tokens_per_s: float) -> None:
-        results: list[StepResult] = stats["results"]
-        counts = stats["counts"]
-        scalars = {"loss/total": float(stats["loss"])}
+    def _log_step(self, step: int, stats: StepStats, tokens_per_s: float) -> None:
+        results, counts = stats.results, stats.counts
+        scalars = {"loss/total": float(stats.loss)}
         n_passes = len(results[0].pass_losses)
         sums = [sum(r.pass_token_losses[i].double().sum() for r in results) for i in range(n_passes)]
         sums.append(sum(r.token_loss.double().sum() for r in results))
-        sums = _all_reduce_sum(torch.stack(sums)).tolist()
+        sums = all_reduce_sum(torch.stack(sums)).tolist()
         for i in range(n_passes):
             scalars[f"loss/pass{i}"] = sums[i] / counts[i]
         merged = sums[-1] / counts[0]
         scalars["loss/merged"] = merged
         if n_passes > 1:
             scalars["loss/merged_minus_pass0"] = merged - scalars["loss/pass0"]
-        scalars.update(_lrt_statistics(self.model, results))
+        scalars.update(lrt_statistics(self.model, results))
         scalars["throughput/tokens_per_s"] = tokens_per_s
         scalars["throughput/tokens_seen"] = self.state.tokens_seen
         scalars["throughput/baseline_equivalent_tokens"] = self.state.tokens_seen * self.flops.baseline_ratio
@@ -338,7 +350,7 @@ class Trainer:
         lrs = self.lr_schedulers.last_lr()
         scalars["optim/lr"] = lrs.get("matrix", max(lrs.values()))
         scalars.update({f"optim/lr_{name}": lr for name, lr in lrs.items()})
-        scalars["optim/grad_norm"] = float(stats["grad_norm"])
+        scalars["optim/grad_norm"] = float(stats.grad_norm)
         scalars["data/waste_fraction"] = self.train_loader.stats()["waste_fraction"]
         scalars.update(memory_stats(self.device))
         self.metrics.log(step, scalars, format_step_line(step, scalars) if self.dist.is_main else None)
@@ -359,88 +371,15 @@ class Trainer:
         return scalars
 
 
-def _lrt_statistics(model: Transformer, results: list[StepResult]) -> dict[str, float]:
-    """Mean gamma and mean gate values per pass (over layers and micro-batches)."""
-    out = {}
-    gammas = [layer.gamma for layer in model.layers if layer.gamma is not None]
-    if gammas:
-        out["lrt/gamma_mean"] = float(torch.stack([_local(g).detach().float().mean() for g in gammas]).mean())
-    for p in range(len(results[0].gate_means)):
-        sums: dict[str, list[float]] = {}
-        for r in results:
-            for layer, means in zip(model.layers, r.gate_means[p]):
-                if means is None:
-                    continue
-                for name, value in zip(layer.attention.gate_names, means.tolist()):
-                    sums.setdefault(name, []).append(value)
-        for name, values in sums.items():
-            out[f"lrt/gate_{name}_pass{p}"] = sum(values) / len(values)
-    return out
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def _optimizer_kwargs(config: Config) -> dict:
     return vars(config.optimizer)
-
-
-def _compute_dtype(choice: str, device: torch.device) -> torch.dtype:
-    if choice == "auto":
-        choice = "bfloat16" if device.type == "cuda" or _cpu_has_native_bf16() else "float32"
-    return DTYPES[choice]
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_initialized():
-        t = t.clone()
-        torch.distributed.all_reduce(t)
-    return t
-
-
-def _cpu_has_native_bf16() -> bool:
-    """bf16 matmuls are fast only with AVX512-BF16 or AMX; elsewhere they are emulated."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    return "AMX" in capability or "AVX512_BF16" in capability or _cpu_flag("avx512_bf16") or _cpu_flag("amx_bf16")
-
-
-def _cpu_flag(flag: str) -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(flag in line.split() for line in f if line.startswith("flags"))
-    except OSError:
-        return False
-
-
-def _seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _setup_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"[rank{rank}] %(asctime)s %(message)s" if rank else "%(asctime)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stdout,
-        force=True,
-    )
 
 
 def main(argv: list[str]) -> int:
     """Train; returns the process exit code."""
     import os
 
-    _setup_logging(int(os.environ.get("RANK", "0")))
+    setup_logging(int(os.environ.get("RANK", "0")))
     try:
         config, print_only = load_config(argv)
     except ConfigError as e:
