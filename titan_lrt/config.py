@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from titan_lrt.guards import SPIKE_ACTIONS
 from titan_lrt.model.args import FLAVORS, LRTArgs, ModelArgs
 
 if sys.version_info >= (3, 11):
@@ -86,7 +87,19 @@ class Training:
 
     nonfinite: str = field(default="stop", metadata={"choices": ("stop", "skip")})
     """What a NaN/inf loss or gradient norm does: stop the run with a clear message,
-    or skip the optimizer step (and stop after 10 in a row)."""
+    or skip the optimizer step (and stop after 10 in a row). Parameters that an update made
+    non-finite always stop the run (before any checkpoint of them)."""
+
+    spike_factor: float = 2.0
+    """A step's loss is flagged when above this many times the running mean of the earlier
+    losses (an exponential average over about the last 50 steps)."""
+
+    spike_patience: int = 5
+    """Flagged steps in a row that make a loss spike (divergence)."""
+
+    spike_action: str = field(default="stop", metadata={"choices": SPIKE_ACTIONS})
+    """What a loss spike does: nothing, a warning, stop the run (exit code 3), or "rollback":
+    reload the newest checkpoint from before the spike and continue on the batches after it."""
 
     device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
     """Where to train ("auto": cuda when available)."""
@@ -434,6 +447,10 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"training.global_batch_size={t.global_batch_size} must be 0 or a multiple of "
             f"training.local_batch_size={t.local_batch_size}"
+        )
+    if not t.spike_factor > 1 or t.spike_patience < 1:
+        raise ConfigError(
+            f"training.spike_factor={t.spike_factor} must be > 1 and training.spike_patience={t.spike_patience} >= 1"
         )
     if config.model.flavor not in FLAVORS:
         raise ConfigError(f"model.flavor={config.model.flavor!r}: allowed {sorted(FLAVORS)}")

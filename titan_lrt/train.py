@@ -26,6 +26,14 @@ from titan_lrt.data.corpus import ensure_stdlib_corpus
 from titan_lrt.data.loader import build_dataloader, merge_loader_states
 from titan_lrt.data.tokenizer import Tokenizer, ensure_tokenizer
 from titan_lrt.eval.bpb import evaluate_bpb
+from titan_lrt.guards import (
+    MAX_ROLLBACKS_IN_A_ROW,
+    LossSpikeError,
+    LossSpikeGuard,
+    NonFiniteError,
+    TrainingHalted,
+    nonfinite_count,
+)
 from titan_lrt.metrics import (
     MetricsLogger,
     StepStats,
@@ -53,14 +61,18 @@ from titan_lrt.parallel.float8 import precompute_scales
 from titan_lrt.parallel.parallelize import parallelize
 from titan_lrt.precision import compute_dtype
 from titan_lrt.preemption import StopRequest
+from titan_lrt.resume_settings import (
+    describe_diff,
+    flat_settings,
+    kept_global_batch,
+    refusal,
+    saved_world_size,
+    settings_diff,
+)
 
 logger = logging.getLogger("titan_lrt")
 
 MAX_SKIPPED_STEPS = 10
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or gradient norm became NaN/inf."""
 
 
 class Trainer:
@@ -107,6 +119,8 @@ class Trainer:
 
         self.state = ckpt.TrainState()
         self.skipped_in_a_row = 0
+        self.spike_guard = LossSpikeGuard(t.spike_factor, t.spike_patience)
+        self.rollbacks_in_a_row, self.last_spike_step = 0, 0
         self.checkpointer = ckpt.CheckpointManager(
             self.dump_folder / config.checkpoint.folder,
             {
@@ -229,30 +243,106 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------
 
     def resume(self) -> None:
-        """Load the checkpoint the config asks for (the newest one by default), if any."""
+        """Load the checkpoint the config asks for (the newest one by default), if any. Settings changed
+        since it was saved are printed and applied, or refused (ConfigError naming the key)."""
+        source = self._resume_source()
+        if source is not None:
+            self._check_settings_against(source)
+        fresh = self._optimizer_settings()
         resumed = self.checkpointer.load()
         if resumed is not None:
             self.batches = iter(self.train_loader)
+            if source is not None:
+                self._apply_optimizer_settings(fresh)
             logger.info(f"resumed from step {resumed}")
+
+    def _resume_source(self) -> Path | None:
+        """The step folder a full resume will load (None: a fresh start or a model-only initial load)."""
+        load = self.config.checkpoint.load
+        if load != "latest":
+            return None if load == "none" else Path(load)
+        folders = ckpt.step_folders(self.checkpointer.folder)  # highest step first
+        return next((path for _, path in folders if ckpt.checkpoint_problem(path) is None), None)
+
+    def _check_settings_against(self, source: Path) -> None:
+        saved_config = source / self.checkpointer.run_config_name
+        if not saved_config.is_file():
+            logger.warning(f"{source} holds no {saved_config.name}: settings changed since are not checked")
+            return
+        saved, current = flat_settings(saved_config.read_text()), flat_settings(self.config.to_toml())
+        diff = settings_diff(saved, current)
+        refused = refusal(diff)
+        if refused:
+            raise ConfigError(refused)
+        if diff:
+            logger.info(f"resume: settings changed since {source.name} was saved (checkpoint -> now), applied:")
+            for line in describe_diff(diff):
+                logger.info(line)
+        saved_world = saved_world_size(source, ckpt.MARKER)
+        kept = kept_global_batch(saved, saved_world, current, self.global_batch) if saved_world else None
+        if kept:
+            self._keep_global_batch(kept, saved_world)
+
+    def _keep_global_batch(self, global_batch: int, saved_world: int) -> None:
+        """Resuming on another number of ranks keeps the run's global batch: more or fewer micro-batches."""
+        per_micro_batch = self.config.training.local_batch_size * self.dp_degree
+        if global_batch % per_micro_batch:
+            raise ConfigError(
+                f"training.global_batch_size: the checkpoint's run ({saved_world} ranks) trained on {global_batch} "
+                f"sequences per step, not a multiple of local_batch_size x data-parallel ranks = {per_micro_batch} "
+                "here; set training.global_batch_size (and local_batch_size) explicitly"
+            )
+        self.global_batch, self.grad_accum = global_batch, global_batch // per_micro_batch
+        logger.warning(
+            f"keeping the checkpoint's global batch of {global_batch} sequences ({saved_world} ranks then, "
+            f"{self.dist.world_size} now): {self.grad_accum} micro-batches of {self.config.training.local_batch_size} "
+            f"on each of {self.dp_degree} data-parallel ranks; set training.global_batch_size to change it"
+        )
+
+    def _optimizer_settings(self) -> tuple[list[dict], list[list[float]]]:
+        """The current config's optimizer hyperparameters (per param group) and the schedulers' base LRs."""
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizers.param_groups]
+        return groups, [list(s.base_lrs) for s in self.lr_schedulers]
+
+    def _apply_optimizer_settings(self, settings: tuple[list[dict], list[list[float]]]) -> None:
+        """A restored optimizer and scheduler carry the saved run's LRs and hyperparameters: put the current
+        config's back (the schedule's position stays restored; its shape is the current config's already)."""
+        groups, base_lrs = settings
+        for group, fresh in zip(self.optimizers.param_groups, groups):
+            group.update(fresh)
+        for scheduler, bases in zip(self.lr_schedulers, base_lrs):
+            scheduler.base_lrs = bases
+            for group, base, factor in zip(scheduler.optimizer.param_groups, bases, scheduler.lr_lambdas):
+                group["lr"] = base * factor(scheduler.last_epoch)  # LambdaLR's own formula: exact when unchanged
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
     def train(self, stop: StopRequest) -> None:
         c = self.config
         window = ThroughputWindow()
-        while self.state.step < c.training.steps:
-            stats = self.train_step()
-            window.add(stats.tokens)
-            step = self.state.step
-            if step % c.metrics.log_freq == 0 or step == c.training.steps:
-                self._log_step(step, stats, window.rate())
-            if c.eval.interval and (step % c.eval.interval == 0 or step == c.training.steps):
-                self.evaluate()
-            if stop.requested(self.device):
-                logger.info(f"{stop.signal_name or 'stop signal'} on some rank: saving step {step} and exiting")
-                if c.checkpoint.enable:
-                    self.checkpointer.save(step, force=True)
-                break
-            if c.checkpoint.enable:
-                self.checkpointer.save(step, force=step == c.training.steps)
+        try:
+            while self.state.step < c.training.steps:
+                stats = self.train_step()
+                window.add(stats.tokens)
+                step = self.state.step
+                if step % c.metrics.log_freq == 0 or step == c.training.steps:
+                    self._log_step(step, stats, window.rate())
+                if self._rolled_back_after_spike(step, float(stats.loss)):
+                    continue
+                with window.excluded():  # tokens/s and MFU measure training only
+                    if c.eval.interval and (step % c.eval.interval == 0 or step == c.training.steps):
+                        self.evaluate()
+                    if stop.requested(self.device):
+                        logger.info(f"{stop.signal_name or 'stop signal'} on some rank: saving step {step} and exiting")
+                        if c.checkpoint.enable:
+                            self.checkpointer.save(step, force=True)
+                        break
+                    last = step == c.training.steps
+                    if c.checkpoint.enable and (last or not self._spike_suspected()):
+                        self.checkpointer.save(step, force=last)
+        except TrainingHalted:  # every rank halts together: finish a save in flight of an earlier, good step
+            self.checkpointer.close()
+            self.metrics.close()
+            raise
         self.checkpointer.close()
         self.metrics.close()
 
@@ -280,6 +370,7 @@ class Trainer:
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         if finite:
             self.optimizers.step()
+            self._check_parameters_finite(loss, grad_norm)
             if self.float8_fsdp_scales:
                 precompute_scales(self.model)
             self.skipped_in_a_row = 0
@@ -323,6 +414,80 @@ class Trainer:
         logger.warning(f"skipping the optimizer step: {message}")
         if self.skipped_in_a_row >= MAX_SKIPPED_STEPS:
             raise NonFiniteError(f"{MAX_SKIPPED_STEPS} steps in a row were skipped; stopping. Last: {message}")
+
+    def _check_parameters_finite(self, loss, grad_norm) -> None:
+        """An update can overflow the weights from a finite loss and gradient (a huge LR): stop before
+        anything saves them (whatever training.nonfinite says: an applied update cannot be skipped)."""
+        if float(all_reduce_sum(nonfinite_count(self.model.parameters()))):
+            raise NonFiniteError(
+                f"non-finite parameters after the optimizer step of step {self.state.step + 1} (loss {float(loss)}, "
+                f"gradient norm {float(grad_norm)}): the update overflowed. Lower optimizer.lr or raise "
+                "lr_scheduler.warmup_steps. Stopping; the last checkpoint is intact."
+            )
+
+    # ---- loss spikes ---------------------------------------------------------------
+
+    def _spike_suspected(self) -> bool:
+        """Flagged losses under an acting guard: hold regular saves (they could replace the last good one)."""
+        return self.config.training.spike_action in ("stop", "rollback") and self.spike_guard.suspicious
+
+    def _rolled_back_after_spike(self, step: int, loss: float) -> bool:
+        """Feed the loss spike guard and act on a spike; True when the run was rolled back."""
+        t = self.config.training
+        if t.spike_action == "off":
+            return False
+        mean = self.spike_guard.mean
+        if not self.spike_guard.observe(step, loss):
+            if step > self.last_spike_step and not self.spike_guard.suspicious:
+                self.rollbacks_in_a_row = 0  # got past the previous spike
+            return False
+        first = self.spike_guard.first_flagged
+        message = (f"loss spike: loss {loss:.4f} at step {step}, above {t.spike_factor} x its running mean {mean:.4f} "
+                   f"for {t.spike_patience} steps in a row (since step {first})")
+        self.metrics.log(step, {"guard/loss_spike": 1.0})
+        if t.spike_action == "warn":
+            logger.warning(message)
+            self.spike_guard.reset_flags()
+            return False
+        if t.spike_action == "stop":
+            raise LossSpikeError(
+                f"{message}. Stopping; lower optimizer.lr or raise lr_scheduler.warmup_steps, or set "
+                "training.spike_action = \"rollback\" to reload the last good checkpoint and skip the batches."
+            )
+        self._roll_back(step, first, message)
+        return True
+
+    def _roll_back(self, step: int, first_flagged: int, message: str) -> None:
+        """Reload the newest checkpoint from before the spike and train on from there with the batches
+        that follow the spike (the data loader keeps its position: the batches in between are skipped).
+
+        The loss of step k is computed with the weights saved at step k - 1: the newest good
+        checkpoint is the newest at or below first_flagged - 2."""
+        if self.rollbacks_in_a_row >= MAX_ROLLBACKS_IN_A_ROW:
+            raise LossSpikeError(f"{message}; {MAX_ROLLBACKS_IN_A_ROW} rollbacks in a row did not get past it. "
+                                 "Stopping; lower optimizer.lr or raise lr_scheduler.warmup_steps.")
+        folder = self.checkpointer.folder
+        good = [s for s, path in ckpt.step_folders(folder)
+                if s <= first_flagged - 2 and ckpt.checkpoint_problem(path) is None]
+        if not self.config.checkpoint.enable or not good:
+            raise LossSpikeError(f"{message}; no checkpoint from before step {first_flagged - 1} in {folder} to "
+                                 "roll back to. Stopping.")
+        target = max(good)
+        data_position = self.train_loader.state_dict()
+        self.checkpointer.load(target)
+        self.train_loader.load_state_dict(data_position)
+        self.batches = iter(self.train_loader)
+        if self.dist.is_main:  # the abandoned trajectory's checkpoints must not be resumed from
+            for s, path in ckpt.step_folders(folder):
+                if s > target:
+                    logger.info(f"removing {path}: saved on the trajectory that was rolled back")
+                    shutil.rmtree(path)
+        self.spike_guard.reset_flags()
+        self.rollbacks_in_a_row += 1
+        self.last_spike_step = step
+        logger.warning(f"{message}; rolled back to step {target} and skipping the batches of steps "
+                       f"{target + 1}..{step} (rollback {self.rollbacks_in_a_row} in a row)")
+        self.metrics.log(step, {"guard/rollback_to_step": float(target)})
 
     # ---- logging and evaluation ----------------------------------------------------
 
@@ -397,7 +562,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         trainer.train(stop)
-    except NonFiniteError as e:
+    except TrainingHalted as e:
         logger.error(str(e))
         return 3
     return 0
