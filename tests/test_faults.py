@@ -60,6 +60,7 @@ def test_settings_diff_and_what_a_resume_refuses():
     assert refusal(vocab).startswith("model.vocab_size changed at resume (512 -> 1024)")
     assert refusal(settings_diff(saved, {**saved, "optimizer.name": "muon"})).startswith("optimizer.name changed")
     assert refusal(settings_diff(saved, {**saved, "model.tokenizer_path": "/moved/tok.json"})) is None
+    assert refusal(settings_diff(saved, {**saved, "lrt.new_option": 1})) is None  # a key of newer code
 
 
 def test_a_resume_on_fewer_ranks_keeps_the_global_batch():

@@ -54,8 +54,9 @@ def is_fixed(key: str) -> bool:
 
 
 def refusal(diff: dict[str, tuple[Any, Any]]) -> str | None:
-    """One line naming the first key that cannot change at resume, or None."""
-    fixed = [k for k in diff if is_fixed(k)]
+    """One line naming the first key that cannot change at resume, or None. A key only one side has
+    (added or removed by a newer version of the code) is not a change the user made: shown, not refused."""
+    fixed = [k for k, (old, new) in diff.items() if is_fixed(k) and old is not None and new is not None]
     if not fixed:
         return None
     key, (old, new) = fixed[0], diff[fixed[0]]
