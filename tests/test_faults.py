@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from conftest import scalars, tiny_args
 from titan_lrt.config import load_config
 from titan_lrt.guards import LossSpikeError, LossSpikeGuard, nonfinite_count
+from titan_lrt.metrics import ThroughputWindow
 from titan_lrt.preemption import ABORT_EXIT_CODE, StopRequest
 from titan_lrt.resume_settings import flat_settings, kept_global_batch, refusal, resolved_global_batch, settings_diff
 from titan_lrt.train import Trainer, main
@@ -74,6 +76,18 @@ def test_a_resume_on_fewer_ranks_keeps_the_global_batch():
     assert kept_global_batch(two_ranks, 2, explicit, current_global=16) is None  # the user's choice applies
     cp = {**two_ranks, "parallelism.context_parallel_degree": 2}
     assert resolved_global_batch(cp, 4) == 8  # 4 ranks, 2 data-parallel groups
+
+
+def test_the_tokens_per_second_window_leaves_out_evaluation_and_checkpoint_time():
+    window = ThroughputWindow()
+    time.sleep(0.05)  # training
+    window.add(1000)
+    with window.excluded():  # an evaluation or a save
+        time.sleep(0.5)
+    rate = window.rate()
+    assert 1000 / 0.5 < rate <= 1000 / 0.05
+    window.add(10)
+    assert window.rate() > 1000  # a new window: 10 tokens in microseconds
 
 
 # ---- non-finite updates and loss spikes ------------------------------------------------------
