@@ -135,7 +135,8 @@ def test_a_diverging_learning_rate_stops_on_the_loss_spike_with_exit_code_3(smal
 
 
 def _poison_the_update_of_step(trainer, bad_step):
-    """A one-off corrupted update (as a bad batch or a bit flip would make): the LM head flipped and scaled 1000x (confidently wrong)."""
+    """A one-off corrupted update (as a bad batch or a bit flip would make): the LM head flipped and
+    scaled 1000x (confidently wrong predictions)."""
     step_once = trainer.optimizers.step
     done = []
 
