@@ -39,9 +39,12 @@ def nonfinite_count(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
 
     One fused max-|x| over all tensors: NaN and inf propagate, huge finite values do not overflow."""
     local = [p.to_local() if isinstance(p, DTensor) else p for p in parameters]
-    local = [t.detach() for t in local if t.numel()]
     if not local:
         return torch.zeros(())
+    device = local[0].device  # an FSDP rank can hold empty shards: the flag must still be on its device
+    local = [t.detach() for t in local if t.numel()]
+    if not local:
+        return torch.zeros((), device=device)
     peak = torch.stack(torch._foreach_norm(local, math.inf)).max()
     return (~torch.isfinite(peak)).float()
 
