@@ -139,6 +139,7 @@ def test_resume_on_fewer_ranks_keeps_the_global_batch(runs, small_data, tmp_path
     assert "training.global_batch_size: 8 -> 0" in out.stdout
     assert "keeping the checkpoint's global batch of 8 sequences (2 ranks then, 1 now): 2 micro-batches" in out.stdout
     assert_same_run(reference, dump, steps=range(5, STEPS + 1))
+    assert "global_batch_size = 8" in (dump / "checkpoints" / "step-00000008" / "config.toml").read_text()
 
 
 def test_kill_minus_nine_of_two_ranks_then_resume(runs, small_data, tmp_path):

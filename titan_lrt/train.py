@@ -293,6 +293,9 @@ class Trainer:
                 "here; set training.global_batch_size (and local_batch_size) explicitly"
             )
         self.global_batch, self.grad_accum = global_batch, global_batch // per_micro_batch
+        # the checkpoints of this run record it, so that the next resume keeps it too
+        self.config.training.global_batch_size = global_batch
+        self.checkpointer.run_config = self.config.to_toml()
         logger.warning(
             f"keeping the checkpoint's global batch of {global_batch} sequences ({saved_world} ranks then, "
             f"{self.dist.world_size} now): {self.grad_accum} micro-batches of {self.config.training.local_batch_size} "
