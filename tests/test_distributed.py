@@ -124,6 +124,24 @@ def test_resume_on_another_world_size_continues_the_same_run(runs, small_data, t
     assert_same_run(reference, dump, steps=range(5, STEPS + 1))
 
 
+def test_resume_on_fewer_ranks_keeps_the_global_batch(runs, small_data, tmp_path):
+    """Step 4 of 2 ranks x 4 sequences resumed on one rank with local_batch_size 4 and global_batch_size
+    left to the world size: 8 sequences per step are kept (2 micro-batches), steps 5..8 as uninterrupted."""
+    reference = runs("one_interleaved", 1, "--lrt.mode=interleaved")
+    source = runs("two_interleaved", 2, "--lrt.mode=interleaved")
+    dump = tmp_path / "fewer"
+    (dump / "checkpoints").mkdir(parents=True)
+    shutil.copytree(source / "checkpoints" / "step-00000004", dump / "checkpoints" / "step-00000004")
+    args = tiny_args(small_data, dump, f"--training.steps={STEPS}", "--training.local_batch_size=4",
+                     "--checkpoint.interval=4", "--lrt.mode=interleaved")
+    out = torchrun(1, args)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "training.global_batch_size: 8 -> 0" in out.stdout
+    assert "keeping the checkpoint's global batch of 8 sequences (2 ranks then, 1 now): 2 micro-batches" in out.stdout
+    assert_same_run(reference, dump, steps=range(5, STEPS + 1))
+    assert "global_batch_size = 8" in (dump / "checkpoints" / "step-00000008" / "config.toml").read_text()
+
+
 def test_kill_minus_nine_of_two_ranks_then_resume(runs, small_data, tmp_path):
     reference = runs("two_interleaved", 2, "--lrt.mode=interleaved")
     dump = tmp_path / "killed"

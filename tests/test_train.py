@@ -73,10 +73,10 @@ def test_kill_minus_nine_then_rerun_resumes_the_exact_loss_curve(small_data, tmp
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_stop_signal_finishes_the_step_saves_and_exits_cleanly(small_data, tmp_path, sig):
     """The signal goes to the whole process group, data-loader worker included (as
-    torchrun and SLURM deliver it)."""
+    torchrun and SLURM deliver it; Ctrl-C in a terminal too)."""
     args = tiny_args(small_data, tmp_path, "--training.steps=100000", "--checkpoint.interval=100000",
                      "--data.num_workers=1")
     proc = subprocess.Popen([sys.executable, str(ROOT / "run_train.sh"), *args],
@@ -89,6 +89,7 @@ def test_stop_signal_finishes_the_step_saves_and_exits_cleanly(small_data, tmp_p
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, output
     assert f"{sig.name} on some rank: saving step" in output
+    assert "Traceback" not in output
     step = int(output.split("saving step ")[1].split()[0])
     assert (tmp_path / "checkpoints" / f"step-{step:08d}" / "complete.json").is_file()
 

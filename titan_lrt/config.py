@@ -28,6 +28,7 @@ from titan_lrt.allowed import allowed_text, message, setting, suggest
 from titan_lrt.checkpoint import ASYNC_MODES
 from titan_lrt.data.loader import NUM_WORKERS
 from titan_lrt.data.packing import PACKING_MODES
+from titan_lrt.guards import SPIKE_ACTIONS
 from titan_lrt.model.args import FLAVORS, LRTArgs, ModelArgs
 from titan_lrt.optim import DECAY_TYPES, IMPLEMENTATIONS, MUON_ADJUST_LR, OPTIMIZERS
 from titan_lrt.parallel.activation_checkpoint import MODES as AC_MODES
@@ -35,7 +36,7 @@ from titan_lrt.parallel.activation_checkpoint import selective_every
 from titan_lrt.parallel.distributed import DEVICES
 from titan_lrt.parallel.float8 import RECIPES
 from titan_lrt.parallel.fsdp import RESHARD_POLICIES
-from titan_lrt.parallel.parallelize import DTYPES
+from titan_lrt.precision import DTYPES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -104,7 +105,19 @@ class Training:
 
     nonfinite: str = setting("stop", choices=NONFINITE_POLICIES)
     """What a NaN/inf loss or gradient norm does: stop the run with a clear message,
-    or skip the optimizer step (and stop after 10 in a row)."""
+    or skip the optimizer step (and stop after 10 in a row). Parameters that an update made
+    non-finite always stop the run (before any checkpoint of them)."""
+
+    spike_factor: float = 2.0
+    """A step's loss is flagged when above this many times the running mean of the earlier
+    losses (an exponential average over about the last 50 steps)."""
+
+    spike_patience: int = setting(5, ge=1)
+    """Flagged steps in a row that make a loss spike (divergence)."""
+
+    spike_action: str = setting("stop", choices=SPIKE_ACTIONS)
+    """What a loss spike does: nothing, a warning, stop the run (exit code 3), or "rollback":
+    reload the newest checkpoint from before the spike and continue on the batches after it."""
 
     device: str = setting("auto", choices=DEVICES)
     """Where to train ("auto": cuda when available)."""
@@ -451,6 +464,8 @@ def validate(config: Config) -> None:
             f"training.global_batch_size={t.global_batch_size} must be 0 or a multiple of "
             f"training.local_batch_size={t.local_batch_size}"
         )
+    if not t.spike_factor > 1:
+        raise ConfigError(f"training.spike_factor={t.spike_factor} must be > 1")
     if config.model.flavor not in FLAVORS:
         raise ConfigError(f"model.flavor={config.model.flavor!r}: allowed {sorted(FLAVORS)}")
     cp = config.parallelism.context_parallel_degree

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from titan_lrt.model.schedule import StepResult
+    from titan_lrt.model.transformer import Transformer
 
 logger = logging.getLogger("titan_lrt")
 
@@ -23,6 +31,82 @@ PEAK_BF16_FLOPS = {
 }
 """Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment; the first match
 wins, so more specific names come first. Unknown hardware reports no MFU."""
+
+
+def setup_logging(rank: int) -> None:
+    """Console logging to stdout: INFO on rank 0, warnings only (prefixed with the rank) elsewhere."""
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[rank{rank}] %(asctime)s %(message)s" if rank else "%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+        force=True,
+    )
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step reports to the metrics."""
+
+    results: list[StepResult]
+    """The schedule's result of every micro-batch."""
+    loss: torch.Tensor
+    """The step's loss summed over micro-batches and ranks (the global-batch mean)."""
+    grad_norm: torch.Tensor
+    """Total gradient norm before clipping."""
+    tokens: int
+    """Tokens of the global batch."""
+    counts: list[float]
+    """Scored targets of each pass over the global batch (the loss denominators)."""
+
+
+class ThroughputWindow:
+    """Tokens per second of training since the last `rate()`; time inside `excluded()`
+    (evaluation, checkpoint saves) does not count."""
+
+    def __init__(self):
+        self.start, self.tokens, self.paused = time.perf_counter(), 0, 0.0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    @contextlib.contextmanager
+    def excluded(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - began
+
+    def rate(self) -> float:
+        """Tokens/s of the window, then start a new one."""
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.start - self.paused, 1e-9)
+        self.start, self.tokens, self.paused = now, 0, 0.0
+        return rate
+
+
+def lrt_statistics(model: Transformer, results: list[StepResult]) -> dict[str, float]:
+    """Mean gamma and mean gate values per pass (over layers and micro-batches)."""
+    out = {}
+    gammas = [layer.gamma for layer in model.layers if layer.gamma is not None]
+    if gammas:
+        out["lrt/gamma_mean"] = float(torch.stack([_local(g).detach().float().mean() for g in gammas]).mean())
+    for p in range(len(results[0].gate_means)):
+        sums: dict[str, list[float]] = {}
+        for r in results:
+            for layer, means in zip(model.layers, r.gate_means[p]):
+                if means is None:
+                    continue
+                for name, value in zip(layer.attention.gate_names, means.tolist()):
+                    sums.setdefault(name, []).append(value)
+        for name, values in sums.items():
+            out[f"lrt/gate_{name}_pass{p}"] = sum(values) / len(values)
+    return out
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def device_peak_flops(device: torch.device) -> Optional[float]:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import shutil
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -28,24 +26,53 @@ from titan_lrt.data.corpus import ensure_stdlib_corpus
 from titan_lrt.data.loader import build_dataloader, merge_loader_states
 from titan_lrt.data.tokenizer import Tokenizer, ensure_tokenizer
 from titan_lrt.eval.bpb import evaluate_bpb
-from titan_lrt.metrics import MetricsLogger, device_peak_flops, format_step_line, memory_stats
+from titan_lrt.guards import (
+    MAX_ROLLBACKS_IN_A_ROW,
+    LossSpikeError,
+    LossSpikeGuard,
+    NonFiniteError,
+    TrainingHalted,
+    nonfinite_count,
+)
+from titan_lrt.metrics import (
+    MetricsLogger,
+    StepStats,
+    ThroughputWindow,
+    device_peak_flops,
+    format_step_line,
+    lrt_statistics,
+    memory_stats,
+    setup_logging,
+)
 from titan_lrt.model.accounting import count_parameters, step_flops
 from titan_lrt.model.schedule import StepResult, run_schedule
 from titan_lrt.model.transformer import IGNORE_INDEX, Transformer
 from titan_lrt.optim import build_lr_schedulers, build_optimizers, clip_grad_norm_
 from titan_lrt.parallel.context_parallel import ContextParallel
-from titan_lrt.parallel.distributed import DistInfo, init_distributed, shutdown
+from titan_lrt.parallel.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    seed_everything,
+    shutdown,
+)
 from titan_lrt.parallel.float8 import precompute_scales
-from titan_lrt.parallel.parallelize import DTYPES, parallelize
+from titan_lrt.parallel.parallelize import parallelize
+from titan_lrt.precision import compute_dtype
 from titan_lrt.preemption import StopRequest
+from titan_lrt.resume_settings import (
+    describe_diff,
+    flat_settings,
+    kept_global_batch,
+    refusal,
+    saved_world_size,
+    settings_diff,
+)
 
 logger = logging.getLogger("titan_lrt")
 
 MAX_SKIPPED_STEPS = 10
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or gradient norm became NaN/inf."""
 
 
 class Trainer:
@@ -58,9 +85,9 @@ class Trainer:
         self.device = self.dist.device
         if self.device.type == "cpu":
             keep_freed_memory()
-        _seed_everything(t.seed, t.deterministic)
+        seed_everything(t.seed, t.deterministic)
         self.dump_folder = Path(config.job.dump_folder)
-        self.compute_dtype = _compute_dtype(t.mixed_precision, self.device)
+        self.compute_dtype = compute_dtype(t.mixed_precision, self.device)
         self.fsdp = self.dist.world_size > 1
         # one process: autocast; FSDP: its mixed-precision policy casts the parameters
         use_autocast = not self.fsdp and self.compute_dtype != torch.float32
@@ -94,6 +121,8 @@ class Trainer:
 
         self.state = ckpt.TrainState()
         self.skipped_in_a_row = 0
+        self.spike_guard = LossSpikeGuard(t.spike_factor, t.spike_patience)
+        self.rollbacks_in_a_row, self.last_spike_step = 0, 0
         self.checkpointer = ckpt.CheckpointManager(
             self.dump_folder / config.checkpoint.folder,
             {
@@ -186,7 +215,7 @@ class Trainer:
         """Run fn on rank 0, then on the others (shared files are built once)."""
         if self.dist.is_main:
             fn()
-        _barrier()
+        barrier()
         if not self.dist.is_main:
             fn()
 
@@ -216,36 +245,113 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------
 
     def resume(self) -> None:
-        """Load the checkpoint the config asks for (the newest one by default), if any."""
+        """Load the checkpoint the config asks for (the newest one by default), if any. Settings changed
+        since it was saved are printed and applied, or refused (ConfigError naming the key)."""
+        source = self._resume_source()
+        if source is not None:
+            self._check_settings_against(source)
+        fresh = self._optimizer_settings()
         resumed = self.checkpointer.load()
         if resumed is not None:
             self.batches = iter(self.train_loader)
+            if source is not None:
+                self._apply_optimizer_settings(fresh)
             logger.info(f"resumed from step {resumed}")
+
+    def _resume_source(self) -> Path | None:
+        """The step folder a full resume will load (None: a fresh start or a model-only initial load)."""
+        load = self.config.checkpoint.load
+        if load != "latest":
+            return None if load == "none" else Path(load)
+        folders = ckpt.step_folders(self.checkpointer.folder)  # highest step first
+        return next((path for _, path in folders if ckpt.checkpoint_problem(path) is None), None)
+
+    def _check_settings_against(self, source: Path) -> None:
+        saved_config = source / self.checkpointer.run_config_name
+        if not saved_config.is_file():
+            logger.warning(f"{source} holds no {saved_config.name}: settings changed since are not checked")
+            return
+        saved, current = flat_settings(saved_config.read_text()), flat_settings(self.config.to_toml())
+        diff = settings_diff(saved, current)
+        refused = refusal(diff)
+        if refused:
+            raise ConfigError(refused)
+        if diff:
+            logger.info(f"resume: settings changed since {source.name} was saved (checkpoint -> now), applied:")
+            for line in describe_diff(diff):
+                logger.info(line)
+        saved_world = saved_world_size(source, ckpt.MARKER)
+        kept = kept_global_batch(saved, saved_world, current, self.global_batch) if saved_world else None
+        if kept:
+            self._keep_global_batch(kept, saved_world)
+
+    def _keep_global_batch(self, global_batch: int, saved_world: int) -> None:
+        """Resuming on another number of ranks keeps the run's global batch: more or fewer micro-batches."""
+        per_micro_batch = self.config.training.local_batch_size * self.dp_degree
+        if global_batch % per_micro_batch:
+            raise ConfigError(
+                f"training.global_batch_size: the checkpoint's run ({saved_world} ranks) trained on {global_batch} "
+                f"sequences per step, not a multiple of local_batch_size x data-parallel ranks = {per_micro_batch} "
+                "here; set training.global_batch_size (and local_batch_size) explicitly"
+            )
+        self.global_batch, self.grad_accum = global_batch, global_batch // per_micro_batch
+        # the checkpoints of this run record it, so that the next resume keeps it too
+        self.config.training.global_batch_size = global_batch
+        self.checkpointer.run_config = self.config.to_toml()
+        logger.warning(
+            f"keeping the checkpoint's global batch of {global_batch} sequences ({saved_world} ranks then, "
+            f"{self.dist.world_size} now): {self.grad_accum} micro-batches of {self.config.training.local_batch_size} "
+            f"on each of {self.dp_degree} data-parallel ranks; set training.global_batch_size to change it"
+        )
+
+    def _optimizer_settings(self) -> tuple[list[dict], list[list[float]]]:
+        """The current config's optimizer hyperparameters (per param group) and the schedulers' base LRs."""
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizers.param_groups]
+        return groups, [list(s.base_lrs) for s in self.lr_schedulers]
+
+    def _apply_optimizer_settings(self, settings: tuple[list[dict], list[list[float]]]) -> None:
+        """A restored optimizer and scheduler carry the saved run's LRs and hyperparameters: put the current
+        config's back (the schedule's position stays restored; its shape is the current config's already)."""
+        groups, base_lrs = settings
+        for group, fresh in zip(self.optimizers.param_groups, groups):
+            group.update(fresh)
+        for scheduler, bases in zip(self.lr_schedulers, base_lrs):
+            scheduler.base_lrs = bases
+            for group, base, factor in zip(scheduler.optimizer.param_groups, bases, scheduler.lr_lambdas):
+                group["lr"] = base * factor(scheduler.last_epoch)  # LambdaLR's own formula: exact when unchanged
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
     def train(self, stop: StopRequest) -> None:
         c = self.config
-        window_start, window_tokens = time.perf_counter(), 0
-        while self.state.step < c.training.steps:
-            stats = self.train_step()
-            window_tokens += stats["tokens"]
-            step = self.state.step
-            if step % c.metrics.log_freq == 0 or step == c.training.steps:
-                elapsed = time.perf_counter() - window_start
-                self._log_step(step, stats, window_tokens / elapsed)
-                window_start, window_tokens = time.perf_counter(), 0
-            if c.eval.interval and (step % c.eval.interval == 0 or step == c.training.steps):
-                self.evaluate()
-            if stop.requested(self.device):
-                logger.info(f"{stop.signal_name or 'stop signal'} on some rank: saving step {step} and exiting")
-                if c.checkpoint.enable:
-                    self.checkpointer.save(step, force=True)
-                break
-            if c.checkpoint.enable:
-                self.checkpointer.save(step, force=step == c.training.steps)
+        window = ThroughputWindow()
+        try:
+            while self.state.step < c.training.steps:
+                stats = self.train_step()
+                window.add(stats.tokens)
+                step = self.state.step
+                if step % c.metrics.log_freq == 0 or step == c.training.steps:
+                    self._log_step(step, stats, window.rate())
+                if self._rolled_back_after_spike(step, float(stats.loss)):
+                    continue
+                with window.excluded():  # tokens/s and MFU measure training only
+                    if c.eval.interval and (step % c.eval.interval == 0 or step == c.training.steps):
+                        self.evaluate()
+                    if stop.requested(self.device):
+                        logger.info(f"{stop.signal_name or 'stop signal'} on some rank: saving step {step} and exiting")
+                        if c.checkpoint.enable:
+                            self.checkpointer.save(step, force=True)
+                        break
+                    last = step == c.training.steps
+                    if c.checkpoint.enable and (last or not self._spike_suspected()):
+                        self.checkpointer.save(step, force=last)
+        except TrainingHalted:  # every rank halts together: finish a save in flight of an earlier, good step
+            self.checkpointer.close()
+            self.metrics.close()
+            raise
         self.checkpointer.close()
         self.metrics.close()
 
-    def train_step(self) -> dict:
+    def train_step(self) -> StepStats:
         """One optimizer step over grad_accum micro-batches."""
         t = self.config.training
         micro_batches = [tuple(x.to(self.device, non_blocking=True) for x in next(self.batches))
@@ -264,11 +370,12 @@ class Trainer:
                     self.model, inputs, targets, backward=backward, loss_denominators=counts, layout=self.cp
                 )
             results.append(result)
-        loss = _all_reduce_sum(torch.stack([r.loss.detach() for r in results]).sum())
+        loss = all_reduce_sum(torch.stack([r.loss.detach() for r in results]).sum())
         grad_norm = clip_grad_norm_(self.model.parameters(), t.max_norm)
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         if finite:
             self.optimizers.step()
+            self._check_parameters_finite(loss, grad_norm)
             if self.float8_fsdp_scales:
                 precompute_scales(self.model)
             self.skipped_in_a_row = 0
@@ -279,7 +386,7 @@ class Trainer:
         tokens = self.global_batch * t.seq_len
         self.state.step += 1
         self.state.tokens_seen += tokens
-        return {"results": results, "loss": loss, "grad_norm": grad_norm, "tokens": tokens, "counts": counts}
+        return StepStats(results=results, loss=loss, grad_norm=grad_norm, tokens=tokens, counts=counts)
 
     def _global_target_counts(self, micro_batches) -> list[float]:
         """Scored targets of each pass over the whole global batch (all micro-batches, all ranks;
@@ -291,7 +398,7 @@ class Trainer:
             per_pass = [scored.sum()] + [scored[i::S].sum() for i in range(S)]
         else:
             per_pass = [scored.sum()] * (lrt.jacobi_passes if lrt.mode == "jacobi" else 1)
-        counts = _all_reduce_sum(torch.stack(per_pass).double()) / (self.cp.degree if self.cp else 1)
+        counts = all_reduce_sum(torch.stack(per_pass).double()) / (self.cp.degree if self.cp else 1)
         return [max(float(c), 1.0) for c in counts]
 
     def _set_gradient_sync(self, sync: bool) -> None:
@@ -313,23 +420,96 @@ class Trainer:
         if self.skipped_in_a_row >= MAX_SKIPPED_STEPS:
             raise NonFiniteError(f"{MAX_SKIPPED_STEPS} steps in a row were skipped; stopping. Last: {message}")
 
+    def _check_parameters_finite(self, loss, grad_norm) -> None:
+        """An update can overflow the weights from a finite loss and gradient (a huge LR): stop before
+        anything saves them (whatever training.nonfinite says: an applied update cannot be skipped)."""
+        if float(all_reduce_sum(nonfinite_count(self.model.parameters()))):
+            raise NonFiniteError(
+                f"non-finite parameters after the optimizer step of step {self.state.step + 1} (loss {float(loss)}, "
+                f"gradient norm {float(grad_norm)}): the update overflowed. Lower optimizer.lr or raise "
+                "lr_scheduler.warmup_steps. Stopping; the last checkpoint is intact."
+            )
+
+    # ---- loss spikes ---------------------------------------------------------------
+
+    def _spike_suspected(self) -> bool:
+        """Flagged losses under an acting guard: hold regular saves (they could replace the last good one)."""
+        return self.config.training.spike_action in ("stop", "rollback") and self.spike_guard.suspicious
+
+    def _rolled_back_after_spike(self, step: int, loss: float) -> bool:
+        """Feed the loss spike guard and act on a spike; True when the run was rolled back."""
+        t = self.config.training
+        if t.spike_action == "off":
+            return False
+        mean = self.spike_guard.mean
+        if not self.spike_guard.observe(step, loss):
+            if step > self.last_spike_step and not self.spike_guard.suspicious:
+                self.rollbacks_in_a_row = 0  # got past the previous spike
+            return False
+        first = self.spike_guard.first_flagged
+        message = (f"loss spike: loss {loss:.4f} at step {step}, above {t.spike_factor} x its running mean {mean:.4f} "
+                   f"for {t.spike_patience} steps in a row (since step {first})")
+        self.metrics.log(step, {"guard/loss_spike": 1.0})
+        if t.spike_action == "warn":
+            logger.warning(message)
+            self.spike_guard.reset_flags()
+            return False
+        if t.spike_action == "stop":
+            raise LossSpikeError(
+                f"{message}. Stopping; lower optimizer.lr or raise lr_scheduler.warmup_steps, or set "
+                "training.spike_action = \"rollback\" to reload the last good checkpoint and skip the batches."
+            )
+        self._roll_back(step, first, message)
+        return True
+
+    def _roll_back(self, step: int, first_flagged: int, message: str) -> None:
+        """Reload the newest checkpoint from before the spike and train on from there with the batches
+        that follow the spike (the data loader keeps its position: the batches in between are skipped).
+
+        The loss of step k is computed with the weights saved at step k - 1: the newest good
+        checkpoint is the newest at or below first_flagged - 2."""
+        if self.rollbacks_in_a_row >= MAX_ROLLBACKS_IN_A_ROW:
+            raise LossSpikeError(f"{message}; {MAX_ROLLBACKS_IN_A_ROW} rollbacks in a row did not get past it. "
+                                 "Stopping; lower optimizer.lr or raise lr_scheduler.warmup_steps.")
+        folder = self.checkpointer.folder
+        good = [s for s, path in ckpt.step_folders(folder)
+                if s <= first_flagged - 2 and ckpt.checkpoint_problem(path) is None]
+        if not self.config.checkpoint.enable or not good:
+            raise LossSpikeError(f"{message}; no checkpoint from before step {first_flagged - 1} in {folder} to "
+                                 "roll back to. Stopping.")
+        target = max(good)
+        data_position = self.train_loader.state_dict()
+        self.checkpointer.load(target)
+        self.train_loader.load_state_dict(data_position)
+        self.batches = iter(self.train_loader)
+        if self.dist.is_main:  # the abandoned trajectory's checkpoints must not be resumed from
+            for s, path in ckpt.step_folders(folder):
+                if s > target:
+                    logger.info(f"removing {path}: saved on the trajectory that was rolled back")
+                    shutil.rmtree(path)
+        self.spike_guard.reset_flags()
+        self.rollbacks_in_a_row += 1
+        self.last_spike_step = step
+        logger.warning(f"{message}; rolled back to step {target} and skipping the batches of steps "
+                       f"{target + 1}..{step} (rollback {self.rollbacks_in_a_row} in a row)")
+        self.metrics.log(step, {"guard/rollback_to_step": float(target)})
+
     # ---- logging and evaluation ----------------------------------------------------
 
-    def _log_step(self, step: int, stats: dict, tokens_per_s: float) -> None:
-        results: list[StepResult] = stats["results"]
-        counts = stats["counts"]
-        scalars = {"loss/total": float(stats["loss"])}
+    def _log_step(self, step: int, stats: StepStats, tokens_per_s: float) -> None:
+        results, counts = stats.results, stats.counts
+        scalars = {"loss/total": float(stats.loss)}
         n_passes = len(results[0].pass_losses)
         sums = [sum(r.pass_token_losses[i].double().sum() for r in results) for i in range(n_passes)]
         sums.append(sum(r.token_loss.double().sum() for r in results))
-        sums = _all_reduce_sum(torch.stack(sums)).tolist()
+        sums = all_reduce_sum(torch.stack(sums)).tolist()
         for i in range(n_passes):
             scalars[f"loss/pass{i}"] = sums[i] / counts[i]
         merged = sums[-1] / counts[0]
         scalars["loss/merged"] = merged
         if n_passes > 1:
             scalars["loss/merged_minus_pass0"] = merged - scalars["loss/pass0"]
-        scalars.update(_lrt_statistics(self.model, results))
+        scalars.update(lrt_statistics(self.model, results))
         scalars["throughput/tokens_per_s"] = tokens_per_s
         scalars["throughput/tokens_seen"] = self.state.tokens_seen
         scalars["throughput/baseline_equivalent_tokens"] = self.state.tokens_seen * self.flops.baseline_ratio
@@ -340,7 +520,7 @@ class Trainer:
         lrs = self.lr_schedulers.last_lr()
         scalars["optim/lr"] = lrs.get("matrix", max(lrs.values()))
         scalars.update({f"optim/lr_{name}": lr for name, lr in lrs.items()})
-        scalars["optim/grad_norm"] = float(stats["grad_norm"])
+        scalars["optim/grad_norm"] = float(stats.grad_norm)
         scalars["data/waste_fraction"] = self.train_loader.stats()["waste_fraction"]
         scalars.update(memory_stats(self.device))
         self.metrics.log(step, scalars, format_step_line(step, scalars) if self.dist.is_main else None)
@@ -361,84 +541,13 @@ class Trainer:
         return scalars
 
 
-def _lrt_statistics(model: Transformer, results: list[StepResult]) -> dict[str, float]:
-    """Mean gamma and mean gate values per pass (over layers and micro-batches)."""
-    out = {}
-    gammas = [layer.gamma for layer in model.layers if layer.gamma is not None]
-    if gammas:
-        out["lrt/gamma_mean"] = float(torch.stack([_local(g).detach().float().mean() for g in gammas]).mean())
-    for p in range(len(results[0].gate_means)):
-        sums: dict[str, list[float]] = {}
-        for r in results:
-            for layer, means in zip(model.layers, r.gate_means[p]):
-                if means is None:
-                    continue
-                for name, value in zip(layer.attention.gate_names, means.tolist()):
-                    sums.setdefault(name, []).append(value)
-        for name, values in sums.items():
-            out[f"lrt/gate_{name}_pass{p}"] = sum(values) / len(values)
-    return out
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _compute_dtype(choice: str, device: torch.device) -> torch.dtype:
-    if choice == "auto":
-        choice = "bfloat16" if device.type == "cuda" or _cpu_has_native_bf16() else "float32"
-    return DTYPES[choice]
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_initialized():
-        t = t.clone()
-        torch.distributed.all_reduce(t)
-    return t
-
-
-def _cpu_has_native_bf16() -> bool:
-    """bf16 matmuls are fast only with AVX512-BF16 or AMX; elsewhere they are emulated."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    return "AMX" in capability or "AVX512_BF16" in capability or _cpu_flag("avx512_bf16") or _cpu_flag("amx_bf16")
-
-
-def _cpu_flag(flag: str) -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(flag in line.split() for line in f if line.startswith("flags"))
-    except OSError:
-        return False
-
-
-def _seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _setup_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"[rank{rank}] %(asctime)s %(message)s" if rank else "%(asctime)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stdout,
-        force=True,
-    )
 
 
 def main(argv: list[str]) -> int:
     """Train; returns the process exit code."""
     import os
 
-    _setup_logging(int(os.environ.get("RANK", "0")))
+    setup_logging(int(os.environ.get("RANK", "0")))
     try:
         config, print_only = load_config(argv)
     except ConfigError as e:
@@ -456,7 +565,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         trainer.train(stop)
-    except NonFiniteError as e:
+    except TrainingHalted as e:
         logger.error(str(e))
         return 3
     return 0

@@ -14,12 +14,9 @@ from titan_lrt.parallel.activation_checkpoint import apply_activation_checkpoint
 from titan_lrt.parallel.compile import apply_compile
 from titan_lrt.parallel.float8 import apply_float8
 from titan_lrt.parallel.fsdp import apply_fsdp, build_dp_mesh, check_mesh_degrees
+from titan_lrt.precision import DTYPES
 
 logger = logging.getLogger("titan_lrt")
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-"""The dtypes a config may name (training.mixed_precision, parallelism.mixed_precision_reduce)."""
-
 
 def parallelize(
     model: Transformer, config, device: torch.device, world_size: int, compute_dtype: torch.dtype
