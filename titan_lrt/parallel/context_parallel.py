@@ -45,13 +45,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
 from titan_lrt.model.layers import rope_then_norm
 from titan_lrt.model.memory import apply_reset, memory_keep_mask
 from titan_lrt.model.schedule import PassInputs
 from titan_lrt.model.transformer import PassOutput, Transformer
+from titan_lrt.parallel.collectives import all_gather_single
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class ContextParallel:
             pad = list(x.shape)
             pad[dim] = n - x.size(dim)
             x = torch.cat([x, x.new_zeros(pad)], dim=dim)
-        gathered = funcol.all_gather_single(x.unsqueeze(0).contiguous(), 0, self.group)  # (C, *x.shape)
+        gathered = all_gather_single(x.unsqueeze(0).contiguous(), 0, self.group)  # (C, *x.shape)
         if all(c == n for c in counts):
             return gathered.movedim(0, dim).flatten(dim, dim + 1)
         return torch.cat([gathered[r].narrow(dim, 0, c) for r, c in enumerate(counts)], dim=dim)
