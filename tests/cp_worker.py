@@ -20,7 +20,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.distributed._functional_collectives as funcol  # noqa: E402
 from lrt_reference import tiny_args, tiny_model  # noqa: E402
 
-from titan_lrt.model.schedule import run_schedule  # noqa: E402
+from titan_lrt.model.schedule import pass_target_counts, run_schedule  # noqa: E402
 from titan_lrt.model.transformer import IGNORE_INDEX  # noqa: E402
 from titan_lrt.parallel import collectives  # noqa: E402
 from titan_lrt.parallel.context_parallel import ContextParallel  # noqa: E402
@@ -64,12 +64,7 @@ def batch(args, T: int, C: int):
 
 
 def counts(model, targets):
-    scored = (targets != IGNORE_INDEX).sum(0)
-    lrt = model.args.lrt
-    if lrt.mode == "interleaved":
-        S = lrt.num_subsets
-        return [float(scored.sum())] + [float(scored[i::S].sum()) for i in range(S)]
-    return [float(scored.sum())] * (lrt.jacobi_passes if lrt.mode == "jacobi" else 1)
+    return pass_target_counts(model.args.lrt, targets).tolist()
 
 
 def run(model, tokens, targets, layout=None):
