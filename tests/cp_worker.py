@@ -2,7 +2,8 @@
 device and once split over the context-parallel group of all ranks, same batch and
 weights, in float64 (and the main cases in float32); writes the largest differences (loss, per-pass
 losses, merged states and losses, gradients) to the JSON file given as argv[1]
-(rank 0), as {dtype: {case: {quantity: difference}}}."""
+(rank 0), as {dtype: {case: {quantity: difference}}}, and under "all_gather" the differences
+of the all-gather shim's two branches (torch's all_gather_single and the torch 2.11 fallback)."""
 
 import json
 import os
@@ -13,12 +14,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import torch.distributed._functional_collectives as funcol  # noqa: E402
 from lrt_reference import tiny_args, tiny_model  # noqa: E402
 
-from titan_lrt.model.schedule import run_schedule  # noqa: E402
+from titan_lrt.model.schedule import pass_target_counts, run_schedule  # noqa: E402
 from titan_lrt.model.transformer import IGNORE_INDEX  # noqa: E402
+from titan_lrt.parallel import collectives  # noqa: E402
 from titan_lrt.parallel.context_parallel import ContextParallel  # noqa: E402
 
 CASES = {
@@ -60,12 +64,7 @@ def batch(args, T: int, C: int):
 
 
 def counts(model, targets):
-    scored = (targets != IGNORE_INDEX).sum(0)
-    lrt = model.args.lrt
-    if lrt.mode == "interleaved":
-        S = lrt.num_subsets
-        return [float(scored.sum())] + [float(scored[i::S].sum()) for i in range(S)]
-    return [float(scored.sum())] * (lrt.jacobi_passes if lrt.mode == "jacobi" else 1)
+    return pass_target_counts(model.args.lrt, targets).tolist()
 
 
 def run(model, tokens, targets, layout=None):
@@ -121,6 +120,53 @@ def compare(name: str, T: int, overrides: dict, cp: ContextParallel, dtype: torc
     return diffs
 
 
+GATHER_COUNTS = (3, 2)
+"""Entries per rank in the all-gather check: unequal, so ContextParallel.gather pads and trims."""
+
+
+def gather_piece(rank: int) -> torch.Tensor:
+    """Rank r's (2, counts[r], 3) piece: a literal function of (rank, row, entry, channel)."""
+    r, n, c = torch.meshgrid(torch.arange(2), torch.arange(GATHER_COUNTS[rank]), torch.arange(3), indexing="ij")
+    return (100.0 * rank + 10 * r + n + 0.1 * c).double()
+
+
+def gather_weight(rank: int) -> torch.Tensor:
+    """What rank q multiplies the gathered (2, sum(counts), 3) tensor by before summing it."""
+    return torch.arange(2 * sum(GATHER_COUNTS) * 3, dtype=torch.float64).reshape(2, -1, 3) * (rank + 1) / 7
+
+
+def gather_branches(cp: ContextParallel) -> dict[str, float]:
+    """ContextParallel.gather through each branch of the shim, forward and backward, against the
+    literal concatenation and the literal gradient (summed over every rank that used a piece)."""
+    rank, world = cp.rank, cp.degree
+    expected = torch.cat([gather_piece(q) for q in range(world)], dim=1)
+    start = sum(GATHER_COUNTS[:rank])
+    expected_grad = sum(gather_weight(q) for q in range(world))[:, start:start + GATHER_COUNTS[rank]]
+    diffs, results = {}, {}
+    for branch in ("native", "fallback"):
+        calls = []
+
+        def counted(*args, calls=calls, old=funcol.all_gather_tensor_autograd):
+            calls.append(1)
+            return old(*args)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(funcol, "all_gather_tensor_autograd", counted)
+            if branch == "fallback":  # as on torch 2.11, which has no all_gather_single
+                mp.setattr(collectives, "NATIVE_ALL_GATHER", None)
+            x = gather_piece(rank).requires_grad_()
+            gathered = cp.gather(x, 1, GATHER_COUNTS)
+            (gathered * gather_weight(rank)).sum().backward()
+        took_fallback = bool(calls)
+        diffs[f"{branch}_took_fallback"] = float(took_fallback)
+        diffs[f"{branch}_values"] = float((gathered.detach() - expected).abs().max())
+        diffs[f"{branch}_grad"] = float((x.grad - expected_grad).abs().max())
+        results[branch] = (gathered.detach(), x.grad)
+    diffs["fallback_vs_native"] = max(float((a - b).abs().max()) for a, b in zip(*results.values()))
+    diffs["torch_has_native"] = float(collectives.NATIVE_ALL_GATHER is not None)
+    return diffs
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     cp = ContextParallel(dist.group.WORLD)
@@ -129,6 +175,10 @@ def main(out: str) -> None:
                      if dtype == torch.float64 or name in FP32_CASES}
         for dtype in (torch.float32, torch.float64)
     }
+    mine = gather_branches(cp)
+    everyone = [None] * cp.degree
+    dist.all_gather_object(everyone, mine)
+    results["all_gather"] = {k: max(d[k] for d in everyone) for k in mine}
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(results, indent=1))
     dist.barrier()

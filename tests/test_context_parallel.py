@@ -64,6 +64,19 @@ def test_cp2_schedule_equals_one_device(worker_diffs, case, dtype, tol):
         assert diffs["grad_rel"] <= tol
 
 
+def test_all_gather_shim_gives_the_same_values_and_gradients_on_both_torch_branches(worker_diffs):
+    """torch's all_gather_single and the torch 2.11 fallback (forced in cp_worker.py), with real gloo
+    processes and unequal counts: both give the literal concatenation and send back the gradient
+    summed over the ranks, and they agree bit for bit."""
+    diffs = worker_diffs["all_gather"]
+    assert diffs["fallback_took_fallback"] == 1.0
+    assert diffs["native_took_fallback"] == 1.0 - diffs["torch_has_native"]
+    for branch in ("native", "fallback"):
+        assert diffs[f"{branch}_values"] == 0.0, branch
+        assert diffs[f"{branch}_grad"] <= 1e-12, branch
+    assert diffs["fallback_vs_native"] == 0.0
+
+
 # ---------------------------------------------------------------- through the trainer
 
 

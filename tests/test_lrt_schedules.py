@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from lrt_reference import sample_tokens, sequential_recurrence, tiny_args, tiny_model
+from titan_lrt.model.args import LRTArgs
 from titan_lrt.model.buffer import SharedBuffer
 from titan_lrt.model.memory import apply_reset, memory_keep_mask, shift_right
-from titan_lrt.model.schedule import run_schedule
+from titan_lrt.model.schedule import pass_target_counts, run_schedule
 from titan_lrt.model.transformer import IGNORE_INDEX, Transformer
 
 TOL = dict(rtol=1e-9, atol=1e-10)
@@ -189,6 +190,35 @@ def test_kv_refresh_reprojects_the_feedback_exactly():
         torch.testing.assert_close(buffer.values[0][j], fresh.v[:, :, j::3], **TOL)
 
 
+def test_kv_refresh_without_kv_feedback_changes_nothing():
+    """Without K/V feedback there is nothing to re-project: kv_refresh leaves the step as it is
+    (it used to call the absent feedback projection and crash)."""
+    args = tiny_args(lrt={"num_subsets": 3, "kv_feedback": False})
+    refreshing = args.replace(lrt=LRTArgs(**{**vars(args.lrt), "kv_refresh": True}))
+    tokens = sample_tokens(args, batch=2, T=12, bos_every=5)
+    targets = sample_tokens(args, batch=2, T=12, seed=3)
+    plain = run_schedule(tiny_model(args), tokens, targets)
+    refreshed = run_schedule(tiny_model(refreshing), tokens, targets)
+    assert refreshing.lrt.kv_refresh and not refreshing.lrt.refreshes_kv
+    assert torch.equal(refreshed.loss, plain.loss)
+    assert torch.equal(refreshed.token_loss, plain.token_loss)
+
+
+def test_buffers_and_layouts_follow_their_protocols():
+    from titan_lrt.model.schedule import Buffer, Layout, WholeSequence
+    from titan_lrt.parallel.context_parallel import ContextParallel, ContextParallelBuffer
+
+    args = tiny_args(lrt={"num_subsets": 3})
+    model = tiny_model(args)
+    tokens = sample_tokens(args, batch=1, T=9)
+    with torch.no_grad():
+        assert isinstance(SharedBuffer(model, tokens, model(tokens), 3, detach=True), Buffer)
+    assert isinstance(WholeSequence(), Layout)
+    assert issubclass(ContextParallel, Layout)
+    for method in ("select", "memory", "keys_for", "write", "refresh", "merge", "merged_states", "merged_kv"):
+        assert callable(getattr(ContextParallelBuffer, method)), method
+
+
 def test_subset_attention_cpu_kernel_matches_reference_math_with_gradients():
     from titan_lrt.model import attention
 
@@ -247,6 +277,59 @@ def test_loss_denominators_replace_the_per_pass_means():
     sums = [t.sum() for t in plain.pass_token_losses]
     torch.testing.assert_close(scaled.loss, (sums[0] / 40 + sums[1] / 20 + sums[2] / 20) / 3, **TOL)
     torch.testing.assert_close(plain.loss, (sums[0] / 20 + sums[1] / 10 + sums[2] / 10) / 3, **TOL)
+
+
+def test_pass_target_counts_by_hand():
+    """Two micro-batches of 2 x 7 targets, some ignored; counts per pass written out by hand."""
+    I = IGNORE_INDEX  # noqa: E741
+    targets = torch.tensor([
+        [[5, I, 5, 5, I, 5, 5],    # positions 1, 4 ignored
+         [I, 5, 5, 5, 5, 5, I]],   # positions 0, 6 ignored
+        [[5, 5, 5, 5, 5, 5, 5],
+         [I, I, I, I, I, I, I]],   # a row of padding
+    ])
+    # scored per position over all rows: [2, 2, 3, 3, 2, 3, 2], 17 in all
+    interleaved = pass_target_counts(LRTArgs(mode="interleaved", num_subsets=3), targets)
+    assert interleaved.dtype == torch.float64
+    assert interleaved.tolist() == [17.0, 2 + 3 + 2, 2 + 2, 3 + 3]  # P_0 = {0, 3, 6}, P_1 = {1, 4}, P_2 = {2, 5}
+    assert pass_target_counts(LRTArgs(mode="interleaved", num_subsets=2), targets).tolist() == [17.0, 9.0, 8.0]
+    assert pass_target_counts(LRTArgs(mode="jacobi", jacobi_passes=3), targets).tolist() == [17.0] * 3
+    assert pass_target_counts(LRTArgs(mode="off"), targets).tolist() == [17.0]
+
+
+@pytest.mark.parametrize("lrt", [{"mode": "interleaved", "num_subsets": 4}, {"mode": "interleaved", "num_subsets": 5},
+                                 {"mode": "jacobi", "jacobi_passes": 2}, {"mode": "off"}])
+def test_pass_target_counts_equal_the_scored_targets_each_pass_computes(lrt):
+    """Against a plain loop over the positions each pass of a real step computes (`pass_positions`
+    of the StepResult), on random targets with ignored positions."""
+    args = tiny_args(lrt=lrt)
+    model = tiny_model(args)
+    tokens = sample_tokens(args, batch=3, T=13)
+    targets = sample_tokens(args, batch=3, T=13, seed=4)
+    targets[torch.rand(targets.shape, generator=torch.Generator().manual_seed(1)) < 0.3] = IGNORE_INDEX
+    with torch.no_grad():
+        result = run_schedule(model, tokens, targets)
+    expected = [float(sum(int(targets[b, t]) != IGNORE_INDEX for b in range(3) for t in positions.tolist()))
+                for positions in result.pass_positions]
+    assert pass_target_counts(args.lrt, targets).tolist() == expected
+    assert len(expected) == args.lrt.num_passes
+
+
+def test_lrt_args_describe_the_shape_of_a_step():
+    s3 = LRTArgs(mode="interleaved", num_subsets=3)
+    assert (s3.num_passes, s3.pass_names, s3.pass_shapes, s3.describe()) == (
+        4, ["pass0", "subset0", "subset1", "subset2"], 4, "interleaved S=3")
+    assert s3.pass_positions(7) == [range(7), range(0, 7, 3), range(1, 7, 3), range(2, 7, 3)]
+    k3 = LRTArgs(mode="jacobi", jacobi_passes=3)
+    assert (k3.num_passes, k3.pass_names, k3.pass_shapes, k3.describe()) == (
+        3, ["pass0", "jacobi1", "jacobi2"], 2, "jacobi K=3")
+    assert k3.pass_positions(5) == [range(5)] * 3
+    off = LRTArgs(mode="off", num_subsets=3, jacobi_passes=3)
+    assert (off.num_passes, off.pass_names, off.pass_shapes, off.describe()) == (1, ["pass0"], 1, "off")
+    assert LRTArgs(mode="jacobi", jacobi_passes=1).pass_shapes == 1
+    assert LRTArgs(mode="interleaved", kv_refresh=True).refreshes_kv
+    assert not LRTArgs(mode="interleaved", kv_refresh=True, kv_feedback=False).refreshes_kv
+    assert not LRTArgs(mode="jacobi", kv_refresh=True).refreshes_kv
 
 
 @pytest.mark.parametrize("window_pattern", ["L", "SL"])

@@ -45,8 +45,8 @@ from titan_lrt.metrics import (
     setup_logging,
 )
 from titan_lrt.model.accounting import count_parameters, step_flops
-from titan_lrt.model.schedule import StepResult, run_schedule
-from titan_lrt.model.transformer import IGNORE_INDEX, Transformer
+from titan_lrt.model.schedule import StepResult, pass_target_counts, run_schedule
+from titan_lrt.model.transformer import Transformer
 from titan_lrt.optim import build_lr_schedulers, build_optimizers, clip_grad_norm_
 from titan_lrt.parallel.context_parallel import ContextParallel
 from titan_lrt.parallel.distributed import (
@@ -226,9 +226,7 @@ class Trainer:
         logger.info(f"titan_lrt: {c.job.description or 'run'} -> {self.dump_folder}")
         logger.info(
             f"model: flavor {c.model.flavor}, {self.model_args.n_layers} layers, dim {self.model_args.dim}, "
-            f"{self.model_args.n_heads} heads, vocab {self.model_args.vocab_size}; LRT mode {lrt.mode}"
-            + (f", S={lrt.num_subsets}" if lrt.mode == "interleaved" else "")
-            + (f", K={lrt.jacobi_passes}" if lrt.mode == "jacobi" else "")
+            f"{self.model_args.n_heads} heads, vocab {self.model_args.vocab_size}; LRT mode {lrt.describe()}"
         )
         logger.info(counts.describe())
         logger.info(
@@ -391,14 +389,8 @@ class Trainer:
     def _global_target_counts(self, micro_batches) -> list[float]:
         """Scored targets of each pass over the whole global batch (all micro-batches, all ranks;
         the ranks of a context-parallel group hold the same rows, which count once)."""
-        lrt = self.model_args.lrt
-        scored = torch.stack([(targets != IGNORE_INDEX) for _, targets in micro_batches]).sum(dim=(0, 1))  # (T,)
-        if lrt.mode == "interleaved":
-            S = lrt.num_subsets
-            per_pass = [scored.sum()] + [scored[i::S].sum() for i in range(S)]
-        else:
-            per_pass = [scored.sum()] * (lrt.jacobi_passes if lrt.mode == "jacobi" else 1)
-        counts = all_reduce_sum(torch.stack(per_pass).double()) / (self.cp.degree if self.cp else 1)
+        local = pass_target_counts(self.model_args.lrt, torch.stack([targets for _, targets in micro_batches]))
+        counts = all_reduce_sum(local) / (self.cp.degree if self.cp else 1)
         return [max(float(c), 1.0) for c in counts]
 
     def _set_gradient_sync(self, sync: bool) -> None:

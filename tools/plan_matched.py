@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = t.global_batch_size or t.local_batch_size * known.ranks
     print(f"budget: {getattr(known, kind):.4g} {kind.replace('_', ' ')}")
     print(f"model: {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size} (from {vocab_source}); "
-          f"LRT mode {args.lrt.mode}" + (f", S={args.lrt.num_subsets}" if args.lrt.mode == "interleaved" else ""))
+          f"LRT mode {args.lrt.describe()}")
     print(f"batch: {batch} sequences x {t.seq_len} tokens = {lrt.tokens_per_step:,} tokens per step")
     print(f"training FLOPs per token: LRT {flops.total:.4g}, baseline {flops.baseline:.4g} "
           f"(ratio {flops.baseline_ratio:.4f})")

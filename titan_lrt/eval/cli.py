@@ -147,10 +147,9 @@ def _bits_per_byte(args, loaded: LoadedModel, amp, progress: bool) -> dict:
 def _describe(loaded: LoadedModel) -> dict:
     a = loaded.model.args
     lrt = a.lrt
-    schedule = {"interleaved": f" S={lrt.num_subsets}", "jacobi": f" K={lrt.jacobi_passes}"}.get(lrt.mode, "")
     params = sum(p.numel() for p in loaded.model.parameters())
     return {
-        "describe": f"LRT {lrt.mode}{schedule}, {a.n_layers} layers, dim {a.dim}, vocab {a.vocab_size}, "
+        "describe": f"LRT {lrt.describe()}, {a.n_layers} layers, dim {a.dim}, vocab {a.vocab_size}, "
         f"{params / 1e6:.2f}M parameters",
         "lrt_mode": lrt.mode, "n_layers": a.n_layers, "dim": a.dim, "vocab_size": a.vocab_size,
         "max_seq_len": a.max_seq_len, "parameters": params,

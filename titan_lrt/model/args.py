@@ -76,6 +76,48 @@ class LRTArgs:
     def enabled(self) -> bool:
         return self.mode != "off"
 
+    # ---- the shape of a training step (one home for what each mode runs) -----------
+
+    @property
+    def pass_names(self) -> list[str]:
+        """A name per forward pass of a step, pass 0 first: "pass0", then "subset0".."subset{S-1}"
+        (interleaved) or "jacobi1".."jacobi{K-1}" (Jacobi)."""
+        if self.mode == "interleaved":
+            return ["pass0"] + [f"subset{i}" for i in range(self.num_subsets)]
+        if self.mode == "jacobi":
+            return ["pass0"] + [f"jacobi{k}" for k in range(1, self.jacobi_passes)]
+        return ["pass0"]
+
+    @property
+    def num_passes(self) -> int:
+        """Forward passes per training step: 1 (off), 1 + S (interleaved), K (Jacobi)."""
+        return len(self.pass_names)
+
+    def pass_positions(self, seq_len: int) -> list[range]:
+        """Per pass, the positions it computes: all of them for a full pass, P_i = {t : t mod S == i}
+        for subset pass i."""
+        if self.mode == "interleaved":
+            return [range(seq_len)] + [range(i, seq_len, self.num_subsets) for i in range(self.num_subsets)]
+        return [range(seq_len)] * self.num_passes
+
+    @property
+    def pass_shapes(self) -> int:
+        """Distinct kinds of pass in a step (a compiled graph each): the zero-memory full pass, plus
+        one per subset (interleaved) or the full pass with memory (Jacobi, K >= 2)."""
+        if self.mode == "interleaved":
+            return 1 + self.num_subsets
+        return min(self.num_passes, 2)
+
+    @property
+    def refreshes_kv(self) -> bool:
+        """Whether a step re-projects buffered K/V before subset passes (interleaved, kv_refresh, kv_feedback)."""
+        return self.mode == "interleaved" and self.kv_refresh and self.kv_feedback
+
+    def describe(self) -> str:
+        """The schedule in a few words: "off", "interleaved S=4" or "jacobi K=2"."""
+        detail = {"interleaved": f" S={self.num_subsets}", "jacobi": f" K={self.jacobi_passes}"}.get(self.mode, "")
+        return self.mode + detail
+
 
 @dataclass
 class ModelArgs:

@@ -6,10 +6,10 @@ backward: once on the total loss, or -- with `lrt.detach_buffer`, where passes
 do not exchange gradients -- after every pass as its own micro-step, which frees
 each pass's activations before the next pass starts.
 
-Where the positions of a sequence are computed is the `layout`'s business: by
+Where the positions of a sequence are computed is the `Layout`'s business: by
 default all of them on this device (`WholeSequence`); under context
 parallelism (`titan_lrt.parallel.context_parallel.ContextParallel`) each rank
-of a group computes its own share and the layout's buffer gathers what the
+of a group computes its own share and the layout's `Buffer` gathers what the
 others need. The schedules read the same either way; every per-position output
 in the `StepResult` is at the positions this rank computed.
 """
@@ -17,11 +17,12 @@ in the `StepResult` is at the positions this rank computed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from titan_lrt.model.args import LRTArgs
 from titan_lrt.model.block import Keys
 from titan_lrt.model.buffer import SharedBuffer
 from titan_lrt.model.memory import apply_reset, memory_keep_mask, shift_right
@@ -74,8 +75,68 @@ class PassInputs(NamedTuple):
     keys: Optional[Sequence[Keys]]
 
 
+@runtime_checkable
+class Buffer(Protocol):
+    """The shared buffer of the interleaved schedule (DESIGN 2.4): per layer the K/V of all
+    positions and the source states, refined subset by subset. `SharedBuffer` holds it on
+    one device, `ContextParallelBuffer` over a context-parallel group."""
+
+    positions: list[Tensor]
+    """Per subset i, the positions of P_i that this device computes."""
+
+    def select(self, i: int, t: Tensor) -> Tensor:
+        """The entries of a (B, T, ...) per-position tensor (tokens, targets) at `positions[i]`."""
+        ...
+
+    def memory(self, i: int) -> Tensor:
+        """m_t at `positions[i]`: the latest merged source state of position t - 1, reset where due."""
+        ...
+
+    def keys_for(self, i: int) -> Sequence[Keys]:
+        """Per layer, what the queries of subset pass i attend to."""
+        ...
+
+    def write(self, i: int, out: PassOutput) -> None:
+        """Take in subset pass i's fresh keys, values and source states."""
+        ...
+
+    def refresh(self, i: int) -> None:
+        """Before pass i: re-project the feedback part of the K/V not refined yet (lrt.kv_refresh)."""
+        ...
+
+    def merge(self, per_pass: list[Tensor]) -> Tensor:
+        """Per-subset outputs at `positions[0..S-1]` -> this device's full-pass positions (detached)."""
+        ...
+
+    def merged_states(self) -> Tensor:
+        """Merged source states at this device's full-pass positions (detached)."""
+        ...
+
+    def merged_kv(self) -> list[tuple[Tensor, Tensor]]:
+        """Per layer (K, V) of all positions in position order (detached; prefill for decoding)."""
+        ...
+
+
+@runtime_checkable
+class Layout(Protocol):
+    """Which positions of a sequence this device computes, and how it sees the others."""
+
+    def full_pass(self, model: Transformer, tokens: Tensor, targets: Optional[Tensor]) -> PassInputs:
+        """What a full pass computes here, from the (B, T) batch every device of the layout holds."""
+        ...
+
+    def previous_states(self, states: Tensor, inputs: PassInputs) -> Tensor:
+        """s_{t-1} at the full pass's positions (0 at position 0), from its states there."""
+        ...
+
+    def buffer(self, model: Transformer, tokens: Tensor, pass0: PassOutput, inputs: PassInputs, num_subsets: int,
+               detach: bool) -> Buffer:
+        """The interleaved schedule's buffer, built from pass 0."""
+        ...
+
+
 class WholeSequence:
-    """The default layout: every position of the sequence on this device."""
+    """The default `Layout`: every position of the sequence on this device."""
 
     def full_pass(self, model: Transformer, tokens: Tensor, targets: Optional[Tensor]) -> PassInputs:
         return PassInputs(tokens, targets, _all_positions(tokens), None)
@@ -96,7 +157,7 @@ def run_schedule(
     backward: Optional[Backward] = None,
     return_kv: bool = False,
     loss_denominators: Optional[Sequence[float]] = None,
-    layout: Optional[WholeSequence] = None,
+    layout: Optional[Layout] = None,
 ) -> StepResult:
     """Run the schedule chosen by `model.args.lrt.mode` on a (B, T) batch.
 
@@ -112,7 +173,7 @@ def run_schedule(
 
 
 def baseline(model, tokens, targets=None, backward=None, return_kv=False, loss_denominators=None,
-             layout=WholeSequence()) -> StepResult:
+             layout: Layout = WholeSequence()) -> StepResult:
     """One full pass (LRT off, or zero memory)."""
     run = _Losses(targets, backward, detach=False, weights=[1.0], denominators=loss_denominators)
     inputs = layout.full_pass(model, tokens, targets)
@@ -123,7 +184,7 @@ def baseline(model, tokens, targets=None, backward=None, return_kv=False, loss_d
 
 
 def jacobi(model, tokens, targets=None, backward=None, return_kv=False, loss_denominators=None,
-           layout=WholeSequence()) -> StepResult:
+           layout: Layout = WholeSequence()) -> StepResult:
     """K full passes; pass k reads the memory shift_right(s^{k-1}), pass 0 zero memory."""
     lrt = model.args.lrt
     K = lrt.jacobi_passes
@@ -142,7 +203,7 @@ def jacobi(model, tokens, targets=None, backward=None, return_kv=False, loss_den
 
 
 def interleaved(model, tokens, targets=None, backward=None, return_kv=False, loss_denominators=None,
-                layout=WholeSequence()) -> StepResult:
+                layout: Layout = WholeSequence()) -> StepResult:
     """Pass 0 over all positions builds the shared buffer; then S subset passes refine it."""
     lrt = model.args.lrt
     S = lrt.num_subsets
@@ -158,7 +219,7 @@ def interleaved(model, tokens, targets=None, backward=None, return_kv=False, los
     # Refinement: pass i computes P_i = {t : t mod S == i} with memory from the latest
     # merged states, writes its fresh K/V and states back, and pass i + 1 reads them.
     for i in range(S):
-        if lrt.kv_refresh:
+        if lrt.refreshes_kv:
             buffer.refresh(i)
         subset_targets = None if targets is None else buffer.select(i, targets)
         out = model(
@@ -182,6 +243,14 @@ def interleaved(model, tokens, targets=None, backward=None, return_kv=False, los
     )
     positions = [inputs.positions] + buffer.positions
     return run.result(outs, positions, merged, kv=buffer.merged_kv() if return_kv else [])
+
+
+def pass_target_counts(lrt: LRTArgs, targets: Tensor) -> Tensor:
+    """Scored targets of each pass of a step over (..., T) targets (every leading dim summed),
+    as float64, pass 0 first: what `loss_denominators` holds once summed over the global batch."""
+    scored = (targets != IGNORE_INDEX).reshape(-1, targets.size(-1)).sum(0)  # (T,)
+    spans = lrt.pass_positions(targets.size(-1))
+    return torch.stack([scored[span.start : span.stop : span.step].sum() for span in spans]).double()
 
 
 # ---- internals ---------------------------------------------------------------------

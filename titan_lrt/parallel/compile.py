@@ -20,9 +20,7 @@ schedule evaluation passes of other lengths."""
 
 def apply_compile(model: Transformer) -> None:
     """Compile every block and the LM head in place (before FSDP wraps them)."""
-    lrt = model.args.lrt
-    passes = 1 + (lrt.num_subsets if lrt.mode == "interleaved" else 0) + (1 if lrt.mode == "jacobi" else 0)
-    limit = passes + EXTRA_GRAPHS
+    limit = model.args.lrt.pass_shapes + EXTRA_GRAPHS
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     for block in model.layers:
         block.compile(dynamic=False, fullgraph=True)

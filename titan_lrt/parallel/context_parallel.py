@@ -15,7 +15,8 @@ all-gather is differentiable: its backward reduce-scatters the gradients of
 the gathered K/V back to the ranks that computed them.
 
 Interleaved LRT. `ContextParallelBuffer` is the shared buffer of DESIGN 2.4
-spread over the group, with the interface of `SharedBuffer`:
+spread over the group (the `Buffer` protocol of `titan_lrt.model.schedule`, as
+`SharedBuffer`; `ContextParallel` is a `Layout`):
 - build: pass 0's gathered K/V (taken from its exchanges, no second
   all-gather) and its source states (one all-gather) become, per layer, K/V
   and states of all T positions in position order, the same on every rank;
@@ -39,19 +40,18 @@ reduce-scatter.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
-from titan_lrt.model.layers import rope_then_norm
-from titan_lrt.model.memory import apply_reset, memory_keep_mask
+from titan_lrt.model.buffer import hold, keep_mask, refresh_source, refreshed_kv
+from titan_lrt.model.memory import apply_reset
 from titan_lrt.model.schedule import PassInputs
 from titan_lrt.model.transformer import PassOutput, Transformer
+from titan_lrt.parallel.collectives import all_gather_single
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class _Share:
 
 
 class ContextParallel:
-    """The layout of `run_schedule` under context parallelism (see the module docstring)."""
+    """The `Layout` of `run_schedule` under context parallelism (see the module docstring)."""
 
     def __init__(self, group: dist.ProcessGroup):
         self.group = group
@@ -133,7 +133,7 @@ class ContextParallel:
             pad = list(x.shape)
             pad[dim] = n - x.size(dim)
             x = torch.cat([x, x.new_zeros(pad)], dim=dim)
-        gathered = funcol.all_gather_single(x.unsqueeze(0).contiguous(), 0, self.group)  # (C, *x.shape)
+        gathered = all_gather_single(x.unsqueeze(0).contiguous(), 0, self.group)  # (C, *x.shape)
         if all(c == n for c in counts):
             return gathered.movedim(0, dim).flatten(dim, dim + 1)
         return torch.cat([gathered[r].narrow(dim, 0, c) for r, c in enumerate(counts)], dim=dim)
@@ -196,7 +196,7 @@ class _SubsetExchange:
 
 
 class ContextParallelBuffer:
-    """The shared buffer of DESIGN 2.4 over a CP group; the interface of `SharedBuffer`.
+    """The shared buffer of DESIGN 2.4 over a CP group; a `Buffer` like `SharedBuffer`.
 
     keys[layer], values[layer]: (B, Hkv, T, D) and states: (B, T, C), all positions in
     position order, identical on every rank of the group. positions[i]: this rank's
@@ -205,28 +205,19 @@ class ContextParallelBuffer:
 
     def __init__(self, cp: ContextParallel, model: Transformer, tokens: Tensor, pass0: PassOutput,
                  inputs: PassInputs, num_subsets: int, detach: bool):
-        args = model.args
         self.cp, self.model, self.S, self.detach = cp, model, num_subsets, detach
         T, device = tokens.size(1), tokens.device
         self.T, self.tokens = T, tokens
         self.shares = [cp.share(T, num_subsets, i, i + 1, device) for i in range(num_subsets)]
         self.positions = [share.positions for share in self.shares]
-        self.keep = [
-            memory_keep_mask(tokens[:, pos], pos, args.bos_token_id, args.lrt.reset_at_bos) for pos in self.positions
-        ]
+        self.keep = [keep_mask(model, tokens, pos) for pos in self.positions]
         self.local_positions = inputs.positions
-        self.states = self._hold(cp.gather_positions(pass0.states, dim=1))
-        self.keys = [self._hold(exchange.k) for exchange in inputs.keys]
-        self.values = [self._hold(exchange.v) for exchange in inputs.keys]
-        # What a K/V refresh re-projects from (this rank's positions; see SharedBuffer.refresh).
-        self.pass0_kv = [
-            (self._hold(kv.v), self._hold(kv.k_pre), self._hold(kv.g_fb)) if kv.g_fb is not None else None
-            for kv in pass0.kv
-        ]
+        self.states = hold(cp.gather_positions(pass0.states, dim=1), detach)
+        self.keys = [hold(exchange.k, detach) for exchange in inputs.keys]
+        self.values = [hold(exchange.v, detach) for exchange in inputs.keys]
+        # Per layer, the `RefreshSource` of a K/V refresh at this rank's full-pass positions.
+        self.pass0_kv = [refresh_source(kv, detach) for kv in pass0.kv]
         self._exchanges: list[_SubsetExchange] = []
-
-    def _hold(self, t: Tensor) -> Tensor:
-        return t.detach() if self.detach else t
 
     def select(self, i: int, t: Tensor) -> Tensor:
         return t[:, self.positions[i]]
@@ -246,9 +237,9 @@ class ContextParallelBuffer:
     def write(self, i: int, out: PassOutput) -> None:
         share = self.shares[i]
         states = self.cp.gather(out.states, 1, share.counts).to(self.states.dtype)
-        self.states = self._hold(self.states.index_copy(1, share.order, states))
-        self.keys = [self._hold(exchange.k) for exchange in self._exchanges]
-        self.values = [self._hold(exchange.v) for exchange in self._exchanges]
+        self.states = hold(self.states.index_copy(1, share.order, states), self.detach)
+        self.keys = [hold(exchange.k, self.detach) for exchange in self._exchanges]
+        self.values = [hold(exchange.v, self.detach) for exchange in self._exchanges]
 
     def refresh(self, i: int) -> None:
         """Before pass i: re-project the feedback part of the K/V at positions t with
@@ -256,25 +247,18 @@ class ContextParallelBuffer:
         gather them into the buffer."""
         if i + 1 >= self.S:
             return
-        model, cp = self.model, self.cp
+        cp = self.cp
         share = cp.share(self.T, self.S, i + 1, self.S, self.positions[0].device)
         pos, index = share.positions, share.local_index
-        grad = torch.no_grad() if self.detach else contextlib.nullcontext()
-        with grad:
-            keep = memory_keep_mask(self.tokens[:, pos], pos, model.args.bos_token_id, model.args.lrt.reset_at_bos)
-            feedback = model.feedback(self._memory_at(pos, keep))
-            cos, sin = model.rope_cos[pos], model.rope_sin[pos]
-            for layer, base in enumerate(self.pass0_kv):
-                if base is None:
-                    continue
-                v0, k_pre0, g_fb = base
-                k_fb, v_fb = feedback[layer]
-                gate = g_fb[:, index].unsqueeze(-1)
-                v = v0[:, :, index] + (gate * v_fb).transpose(1, 2)
-                k = rope_then_norm(k_pre0[:, index] + gate * k_fb, cos, sin).transpose(1, 2)
-                kv = cp.gather(torch.stack([k, v]), 3, share.counts).to(self.keys[layer].dtype)
-                self.keys[layer] = self.keys[layer].index_copy(2, share.order, kv[0])
-                self.values[layer] = self.values[layer].index_copy(2, share.order, kv[1])
+        memory = self._memory_at(pos, keep_mask(self.model, self.tokens, pos))
+        sources = [None if base is None else (base[0][:, :, index], base[1][:, index], base[2][:, index])
+                   for base in self.pass0_kv]
+        for layer, fresh in enumerate(refreshed_kv(self.model, memory, pos, sources, self.detach)):
+            if fresh is None:
+                continue
+            kv = cp.gather(torch.stack(fresh), 3, share.counts).to(self.keys[layer].dtype)
+            self.keys[layer] = self.keys[layer].index_copy(2, share.order, kv[0])
+            self.values[layer] = self.values[layer].index_copy(2, share.order, kv[1])
 
     def merge(self, per_pass: list[Tensor]) -> Tensor:
         """Per-pass outputs at this rank's positions of P_0..P_{S-1} -> this rank's positions in
