@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from titan_lrt import checkpoint, optim
+from titan_lrt import checkpoint, guards, optim
 from titan_lrt.allowed import problem
 from titan_lrt.config import (
     GRADIENT_SYNC,
@@ -126,6 +126,7 @@ MODULE_CHOICES = {
     "training.mixed_precision": ("auto", *parallelize.DTYPES),  # "auto" is resolved by the trainer
     "training.nonfinite": NONFINITE_POLICIES,  # the trainer's own (it imports the config)
     "training.device": distributed.DEVICES,
+    "training.spike_action": guards.SPIKE_ACTIONS,
     "parallelism.fsdp_reshard_after_forward": fsdp.RESHARD_POLICIES,
     "parallelism.mixed_precision_reduce": tuple(parallelize.DTYPES),
     "parallelism.gradient_sync": GRADIENT_SYNC,  # the trainer's own
