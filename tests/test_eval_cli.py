@@ -11,7 +11,7 @@ from conftest import tiny_args as trainer_args
 from titan_lrt.config import load_config
 from titan_lrt.data.tokenizer import Tokenizer
 from titan_lrt.eval.cli import main as eval_main
-from titan_lrt.eval.loading import load_model
+from titan_lrt.export import load_model
 from titan_lrt.model.schedule import run_schedule
 from titan_lrt.preemption import StopRequest
 from titan_lrt.train import Trainer
