@@ -61,6 +61,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import (
     Metadata,
@@ -550,7 +551,7 @@ class CheckpointManager:
                 future = dcp.async_save(state_dict, async_checkpointer_type=kind, **kwargs)
                 self._pending = _PendingSave(step, partial, started, future, needed)
                 logger.info("checkpoint step %d: staged in %.2f s, writing in the background", step, time.perf_counter() - started)
-        except Exception as err:  # noqa: BLE001 - re-raised by _save_failed, clearer when the disk is full
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - re-raised by _save_failed
             self._save_failed(err, step, partial, needed)
         self._last_saved = step
         return True
@@ -566,7 +567,7 @@ class CheckpointManager:
             pending.future.result()
             if self.rank == 0:
                 self._commit(pending.step, pending.partial, pending.started)
-        except Exception as err:  # noqa: BLE001 - re-raised by _save_failed, clearer when the disk is full
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - re-raised by _save_failed
             self._save_failed(err, pending.step, pending.partial, pending.needed)
 
     def close(self) -> None:
@@ -601,7 +602,7 @@ class CheckpointManager:
                          "in %s is left as it was", step, where, self.folder)
         return True
 
-    def _save_failed(self, err: Exception, step: int, partial: Path, needed: int) -> None:
+    def _save_failed(self, err: BaseException, step: int, partial: Path, needed: int) -> None:
         """Remove the unfinished folder and re-raise; a full disk as one line saying so."""
         free = _free_bytes(self.folder)
         full = _out_of_space(err) or (free is not None and free < needed)
@@ -913,12 +914,14 @@ def _out_of_space(err: BaseException) -> bool:
     seen, todo = set(), [err]
     while todo:
         e = todo.pop()
-        if e is None or id(e) in seen:
+        e = getattr(e, "exception", e)  # DCP's per-rank failures are (exception, traceback) tuples
+        if not isinstance(e, BaseException) or id(e) in seen:
             continue
         seen.add(id(e))
         if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in str(e):
             return True
-        todo += [e.__cause__, e.__context__, *getattr(e, "failures", {}).values()]
+        failures = getattr(e, "failures", None)
+        todo += [e.__cause__, e.__context__, *(failures.values() if isinstance(failures, dict) else ())]
     return False
 
 
