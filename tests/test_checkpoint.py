@@ -452,7 +452,9 @@ def test_non_finite_states_are_never_saved(tmp_path, caplog, where):
         assert not ckpt.save(2)
     key = "model.layers.1.attention.wq.weight" if where == "model" else "optimizer.state.lm_head.weight.exp_avg_sq"
     assert caplog.records[-1].getMessage().startswith(f"checkpoint step 2 NOT saved: non-finite values (nan/inf) in '{key}'")
+    assert ckpt.refused == caplog.records[-1].getMessage()
     assert step_folders(tmp_path) == ["step-00000001"]
+    assert manager(tmp_path, make_run(1)).load() == 1
 
 
 @pytest.fixture

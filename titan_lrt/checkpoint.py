@@ -510,6 +510,8 @@ class CheckpointManager:
         self._pg = dist.new_group(backend="gloo") if self.distributed else None
         self._pending: _PendingSave | None = None
         self._last_saved: int | None = None
+        self.refused: str | None = None
+        """Why the last save that was due was refused (non-finite states), None when it was written."""
 
     # ---- saving ---------------------------------------------------------------------------
 
@@ -594,12 +596,14 @@ class CheckpointManager:
         if self.distributed:
             dist.all_reduce(counts, group=self._pg)
         if not counts.any():
+            self.refused = None
             return False
         where = (f"{bad[0]!r}" + (f" and {len(bad) - 1} more tensors" if len(bad) > 1 else "")) if bad else (
             f"tensors of rank(s) {counts.nonzero().flatten().tolist()}")
+        self.refused = (f"checkpoint step {step} NOT saved: non-finite values (nan/inf) in {where}; "
+                        f"the newest checkpoint in {self.folder} is left as it was")
         if bad or self.rank == 0:
-            logger.error("checkpoint step %d NOT saved: non-finite values (nan/inf) in %s; the newest checkpoint "
-                         "in %s is left as it was", step, where, self.folder)
+            logger.error("%s", self.refused)
         return True
 
     def _save_failed(self, err: BaseException, step: int, partial: Path, needed: int) -> None:
