@@ -345,6 +345,35 @@ def test_no_code_runs_from_a_crafted_checkpoint_folder(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+class _Holder:
+    """A Stateful with one non-tensor value, which DCP stores with torch.save."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+def test_no_code_runs_from_a_crafted_value_in_the_data_file(tmp_path):
+    """DCP's own loader torch.loads non-tensor values with weights_only=False; ours refuses globals."""
+    run = make_run(0)
+    CheckpointManager(tmp_path, {"model": ModelWrapper(run.model), "extra": _Holder(_Payload(tmp_path / "pwned"))},
+                      interval=1).save(1)
+    assert not (tmp_path / "pwned").exists()
+    fresh = CheckpointManager(tmp_path, {"model": ModelWrapper(make_run(1).model), "extra": _Holder(0)}, interval=1)
+    with pytest.raises(ValueError, match=r"could not be read: UnpicklingError: .*Unsupported global: GLOBAL io.open"):
+        fresh.load()
+    assert not (tmp_path / "pwned").exists()
+    CheckpointManager(tmp_path / "plain", {"model": ModelWrapper(run.model), "extra": _Holder([3, 0.5])}).save(500)
+    holder = _Holder(None)
+    assert CheckpointManager(tmp_path / "plain", {"model": ModelWrapper(run.model), "extra": holder}).load() == 500
+    assert holder.value == [3, 0.5]  # plain values still load
+
+
 def test_per_rank_states_are_json_not_pickle(tmp_path):
     run = make_run(0)
     train(run, 2)

@@ -357,7 +357,17 @@ def read_metadata(path: str | os.PathLike) -> Metadata:
 def load_dcp(state_dict: dict[str, Any], path: str | os.PathLike, **kwargs: Any) -> None:
     """`dcp.load` with the restricted readers: metadata by `_MetadataUnpickler`, non-tensor values
     by `torch.load(weights_only=True)`."""
-    dcp.load(state_dict, storage_reader=_SafeReader(str(path)), planner=_SafeLoadPlanner(), **kwargs)
+    try:
+        dcp.load(state_dict, storage_reader=_SafeReader(str(path)), planner=_SafeLoadPlanner(), **kwargs)
+    except CheckpointException as err:  # a BaseException listing each rank's traceback: say the first cause
+        raise ValueError(f"checkpoint {path} could not be read: {_first_cause(err)}") from None
+
+
+def _first_cause(err: CheckpointException) -> str:
+    cause = _unwrap(next(iter(err.failures.values()), err))
+    lines = str(cause).splitlines() or [""]
+    detail = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
+    return f"{type(cause).__name__}: {detail}"
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -918,7 +928,7 @@ def _out_of_space(err: BaseException) -> bool:
     seen, todo = set(), [err]
     while todo:
         e = todo.pop()
-        e = getattr(e, "exception", e)  # DCP's per-rank failures are (exception, traceback) tuples
+        e = _unwrap(e)
         if not isinstance(e, BaseException) or id(e) in seen:
             continue
         seen.add(id(e))
@@ -927,6 +937,11 @@ def _out_of_space(err: BaseException) -> bool:
         failures = getattr(e, "failures", None)
         todo += [e.__cause__, e.__context__, *(failures.values() if isinstance(failures, dict) else ())]
     return False
+
+
+def _unwrap(failure: Any) -> Any:
+    """The exception of one of DCP's per-rank failures, an (exception, traceback) tuple."""
+    return failure[0] if isinstance(failure, tuple) and failure else failure
 
 
 def _free_bytes(folder: Path) -> int | None:
