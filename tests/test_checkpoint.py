@@ -374,6 +374,21 @@ def test_no_code_runs_from_a_crafted_value_in_the_data_file(tmp_path):
     assert holder.value == [3, 0.5]  # plain values still load
 
 
+def test_a_checkpoint_with_pickled_per_rank_states_resumes_nothing_but_gives_its_model(tmp_path):
+    """Older versions pickled the loader and RNG states: refused with one line, the model still loads."""
+    run = make_run(0)
+    folder = tmp_path / "old" / "step-00000003"
+    state = {"model": ModelWrapper(run.model).state_dict(), "train_state.rank0": pickle.dumps({"step": 3})}
+    dcp.save(state, checkpoint_id=str(folder), no_dist=True)
+    write_marker(folder, step=3, world_size=1)
+    with pytest.raises(ValueError, match=r"holds 'train_state.rank0' as a pickle .* never unpickled"):
+        CheckpointManager(tmp_path / "old", {"model": ModelWrapper(make_run(1).model), "train_state": TrainState()}).load()
+    fresh = make_run(1)
+    assert CheckpointManager(tmp_path / "new", {"model": ModelWrapper(fresh.model), "train_state": TrainState()},
+                             initial_load_path=folder).load() == 0
+    assert_equal(snapshot(fresh)["model"], snapshot(run)["model"])
+
+
 def test_per_rank_states_are_json_not_pickle(tmp_path):
     run = make_run(0)
     train(run, 2)

@@ -786,8 +786,7 @@ class CheckpointManager:
                 if isinstance(state, PerRankStateful):
                     ranks[name] = _saved_ranks(path, metadata, name)
                     for r in ranks[name]:
-                        key = f"{name}.rank{r}"
-                        state_dict[key] = torch.empty(tuple(metadata.state_dict_metadata[key].size), dtype=torch.uint8)
+                        state_dict[f"{name}.rank{r}"] = _rank_state_buffer(path, metadata, f"{name}.rank{r}")
                 else:
                     _check_present(path, metadata, name)
                     state_dict[name] = state.state_dict()
@@ -893,6 +892,17 @@ def _saved_ranks(path: Path, metadata: Metadata, name: str) -> list[int]:
     if ranks != list(range(len(ranks))):
         raise ValueError(f"checkpoint {path} has {name!r} entries of ranks {ranks}, expected 0..{len(ranks) - 1}")
     return ranks
+
+
+def _rank_state_buffer(path: Path, metadata: Metadata, key: str) -> torch.Tensor:
+    """Room for a saved per-rank state (JSON text as uint8); older versions pickled these."""
+    md = metadata.state_dict_metadata[key]
+    if not isinstance(md, TensorStorageMetadata) or md.properties.dtype != torch.uint8:
+        raise ValueError(
+            f"checkpoint {path} holds {key!r} as a pickle (written by an older titan_lrt), which is never "
+            "unpickled; take its model only with checkpoint.initial_load_path, or start fresh"
+        )
+    return torch.empty(tuple(md.size), dtype=torch.uint8)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
