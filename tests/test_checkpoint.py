@@ -3,10 +3,13 @@ clear errors, model-only initial load, and per-rank states across world sizes (2
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import pickle
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,6 +28,8 @@ from titan_lrt.checkpoint import (
     ModelWrapper,
     PerRankWrapper,
     TrainState,
+    decode_rank_state,
+    write_marker,
 )
 from titan_lrt.config import ConfigError, load_config
 from titan_lrt.data.loader import merge_loader_states
@@ -268,6 +273,281 @@ def test_incomplete_checkpoint_is_skipped_with_a_warning(tmp_path, caplog, damag
     with caplog.at_level(logging.WARNING, logger="titan_lrt.checkpoint"):
         assert manager(tmp_path, fresh).load() == 1
     assert "step-00000002" in caplog.text and "skipping" in caplog.text
+    assert_equal(snapshot(fresh), expected)
+
+
+def _garbage_in_data(folder: Path) -> None:
+    data = folder / "__0_0.distcp"
+    with open(data, "r+b") as f:  # 4 KB of garbage in the middle: same size, only a checksum can tell
+        f.seek(data.stat().st_size // 2)
+        f.write(os.urandom(4096))
+
+
+def _forge_metadata(folder: Path) -> None:
+    """A pickle that would create a file when unpickled, with a marker whose checksums match it."""
+    (folder / ".metadata").write_bytes(pickle.dumps(_Payload(folder.parent / "pwned")))
+    write_marker(folder, step=2, world_size=1)
+
+
+class _Payload:
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+CORRUPTION = {
+    "data_garbage_same_size": _garbage_in_data,
+    "data_truncated": lambda folder: os.truncate(folder / "__0_0.distcp", 100),
+    "metadata_missing": lambda folder: (folder / ".metadata").unlink(),
+    "metadata_forged": _forge_metadata,
+    "marker_garbage": lambda folder: (folder / MARKER).write_bytes(os.urandom(300)),
+    "marker_wrong_shape": lambda folder: (folder / MARKER).write_text('{"step": 2, "files": [".metadata"]}'),
+    "marker_missing": lambda folder: (folder / MARKER).unlink(),
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTION)
+def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, caplog, corruption):
+    run = make_run(0)
+    ckpt = manager(tmp_path, run)
+    train(run, 1)
+    ckpt.save(1)
+    expected = snapshot(run)
+    train(run, 1)
+    ckpt.save(2)
+    CORRUPTION[corruption](tmp_path / "step-00000002")
+
+    fresh = make_run(1)
+    with caplog.at_level(logging.WARNING, logger="titan_lrt.checkpoint"):
+        assert manager(tmp_path, fresh).load() == 1
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(skipped) == 1 and "step-00000002" in skipped[0], caplog.text
+    assert_equal(snapshot(fresh), expected)
+    assert not (tmp_path / "pwned").exists()
+    assert (tmp_path / "step-00000002").exists()  # damaged data is kept for a person to look at
+
+
+def test_no_code_runs_from_a_crafted_checkpoint_folder(tmp_path):
+    """A newer step folder holding a pickle payload as .metadata: with no marker, with a forged one,
+    and as the path given to checkpoint.load; nothing ever unpickles it."""
+    run = make_run(0)
+    train(run, 1)
+    manager(tmp_path, run).save(1)
+    payload = pickle.dumps(_Payload(tmp_path / "pwned"))
+    for step in (5, 6):
+        folder = tmp_path / f"step-0000000{step}"
+        folder.mkdir()
+        (folder / ".metadata").write_bytes(payload)
+        (folder / "__0_0.distcp").write_bytes(payload)
+    write_marker(tmp_path / "step-00000006", step=6, world_size=1)
+
+    assert manager(tmp_path, make_run(1)).load() == 1
+    assert manager(tmp_path, make_run(1)).latest_step() == 6  # complete in form: sizes only
+    with pytest.raises(ValueError, match=r"metadata is unreadable \(UnpicklingError: refusing io.open"):
+        manager(tmp_path, make_run(1), load=str(tmp_path / "step-00000006")).load()
+    assert not (tmp_path / "pwned").exists()
+
+
+class _Holder:
+    """A Stateful with one non-tensor value, which DCP stores with torch.save."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+def test_no_code_runs_from_a_crafted_value_in_the_data_file(tmp_path):
+    """DCP's own loader torch.loads non-tensor values with weights_only=False; ours refuses globals."""
+    run = make_run(0)
+    CheckpointManager(tmp_path, {"model": ModelWrapper(run.model), "extra": _Holder(_Payload(tmp_path / "pwned"))},
+                      interval=1).save(1)
+    assert not (tmp_path / "pwned").exists()
+    fresh = CheckpointManager(tmp_path, {"model": ModelWrapper(make_run(1).model), "extra": _Holder(0)}, interval=1)
+    with pytest.raises(ValueError, match=r"could not be read: UnpicklingError: .*Unsupported global: GLOBAL io.open"):
+        fresh.load()
+    assert not (tmp_path / "pwned").exists()
+    CheckpointManager(tmp_path / "plain", {"model": ModelWrapper(run.model), "extra": _Holder([3, 0.5])}).save(500)
+    holder = _Holder(None)
+    assert CheckpointManager(tmp_path / "plain", {"model": ModelWrapper(run.model), "extra": holder}).load() == 500
+    assert holder.value == [3, 0.5]  # plain values still load
+
+
+def test_a_checkpoint_with_pickled_per_rank_states_resumes_nothing_but_gives_its_model(tmp_path):
+    """Older versions pickled the loader and RNG states: refused with one line, the model still loads."""
+    run = make_run(0)
+    folder = tmp_path / "old" / "step-00000003"
+    state = {"model": ModelWrapper(run.model).state_dict(), "train_state.rank0": pickle.dumps({"step": 3})}
+    dcp.save(state, checkpoint_id=str(folder), no_dist=True)
+    write_marker(folder, step=3, world_size=1)
+    with pytest.raises(ValueError, match=r"holds 'train_state.rank0' as a pickle .* never unpickled"):
+        CheckpointManager(tmp_path / "old", {"model": ModelWrapper(make_run(1).model), "train_state": TrainState()}).load()
+    fresh = make_run(1)
+    assert CheckpointManager(tmp_path / "new", {"model": ModelWrapper(fresh.model), "train_state": TrainState()},
+                             initial_load_path=folder).load() == 0
+    assert_equal(snapshot(fresh)["model"], snapshot(run)["model"])
+
+
+def test_per_rank_states_are_json_not_pickle(tmp_path):
+    run = make_run(0)
+    train(run, 2)
+    manager(tmp_path, run).save(2)
+    metadata = dcp.FileSystemReader(str(tmp_path / "step-00000002")).read_metadata()
+    state = {"train_state.rank0": torch.empty(metadata.state_dict_metadata["train_state.rank0"].size, dtype=torch.uint8),
+             "dataloader.rank0": torch.empty(metadata.state_dict_metadata["dataloader.rank0"].size, dtype=torch.uint8)}
+    dcp.load(state, checkpoint_id=str(tmp_path / "step-00000002"), no_dist=True)
+    train_state = json.loads(bytes(state["train_state.rank0"].numpy()))
+    assert (train_state["step"], train_state["tokens_seen"]) == (2, 2 * 34)
+    assert decode_rank_state(state["dataloader.rank0"]) == run.loader.state_dict()
+    assert torch.equal(decode_rank_state(state["train_state.rank0"])["rng"]["torch"], torch.get_rng_state())
+
+
+def test_when_no_step_folder_loads_the_start_fails_instead_of_starting_fresh(tmp_path):
+    run = make_run(0)
+    ckpt = manager(tmp_path, run)
+    for step in (1, 2):
+        train(run, 1)
+        ckpt.save(step)
+    _garbage_in_data(tmp_path / "step-00000001")
+    os.truncate(tmp_path / "step-00000002" / "__0_0.distcp", 10)
+    fresh = make_run(1)
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match=r"no checkpoint in .* can be loaded \(step-00000002: file __0_0.distcp has 10 "
+                                         r"bytes.*; step-00000001: file __0_0.distcp is damaged: its crc32 is"):
+        manager(tmp_path, fresh).load()
+    assert_equal(snapshot(fresh), before)
+    assert manager(tmp_path, fresh, load="none").load() is None
+    with pytest.raises(ValueError, match="no checkpoint in"):
+        manager(tmp_path, fresh, load="none").load_latest_good()
+
+
+def test_load_latest_good_skips_damaged_ones_whatever_the_load_setting(tmp_path):
+    run = make_run(0)
+    ckpt = manager(tmp_path, run, load="none")
+    train(run, 1)
+    ckpt.save(1)
+    expected = snapshot(run)
+    for step in (2, 3):
+        train(run, 1)
+        ckpt.save(step)
+    _garbage_in_data(tmp_path / "step-00000003")
+    (tmp_path / "step-00000002" / MARKER).unlink()
+    assert ckpt.load_latest_good() == 1  # the rollback of the trainer: same manager, same states
+    assert_equal(snapshot(run), expected)
+
+
+def test_leftovers_of_interrupted_saves_and_deletions_are_removed_on_load(tmp_path, caplog):
+    run = make_run(0)
+    ckpt = manager(tmp_path, run, keep_latest_k=1)
+    train(run, 1)
+    ckpt.save(1)
+    expected = snapshot(run)
+    (tmp_path / "step-00000002.partial").mkdir()  # a save killed while writing
+    (tmp_path / "step-00000002.partial" / "__0_0.distcp").write_bytes(b"x" * 100)
+    (tmp_path / "step-00000000.deleting").mkdir()  # a keep_latest_k deletion killed after its rename
+    (tmp_path / "step-00000000").mkdir()  # one killed by an older version: only the marker was left
+    shutil.copy(tmp_path / "step-00000001" / MARKER, tmp_path / "step-00000000" / MARKER)
+    (tmp_path / "step-00000003.bak").mkdir()  # not ours: kept
+
+    fresh = make_run(1)
+    with caplog.at_level(logging.WARNING, logger="titan_lrt.checkpoint"):
+        assert manager(tmp_path, fresh).load() == 1
+    assert_equal(snapshot(fresh), expected)
+    assert step_folders(tmp_path) == ["step-00000001", "step-00000003.bak"]
+    assert "step-00000002.partial" in caplog.text and "holds only complete.json" in caplog.text
+
+
+def test_pruning_never_leaves_a_step_folder_with_part_of_its_files(tmp_path, monkeypatch):
+    run = make_run(0)
+    ckpt = manager(tmp_path, run, keep_latest_k=1)
+    ckpt.save(1)
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):  # the process dies after deleting one file
+        path = Path(path)
+        if path.name.startswith("step-00000001"):
+            next(p for p in path.iterdir() if p.name != MARKER).unlink()
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(2)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert step_folders(tmp_path) == ["step-00000001.deleting", "step-00000002"]
+    assert manager(tmp_path, make_run(1)).load() == 2
+    assert step_folders(tmp_path) == ["step-00000002"]
+
+
+@pytest.mark.parametrize("where", ["model", "optimizer"])
+def test_non_finite_states_are_never_saved(tmp_path, caplog, where):
+    run = make_run(0)
+    ckpt = manager(tmp_path, run)
+    train(run, 1)
+    ckpt.save(1)
+    train(run, 1)
+    with torch.no_grad():
+        if where == "model":
+            run.model.layers[1].attention.wq.weight[3, 5] = float("nan")
+        else:
+            run.optimizer.state[run.model.lm_head.weight]["exp_avg_sq"][0, 0] = float("inf")
+    with caplog.at_level(logging.ERROR, logger="titan_lrt.checkpoint"):
+        assert not ckpt.save(2)
+    key = "model.layers.1.attention.wq.weight" if where == "model" else "optimizer.state.lm_head.weight.exp_avg_sq"
+    assert caplog.records[-1].getMessage().startswith(f"checkpoint step 2 NOT saved: non-finite values (nan/inf) in '{key}'")
+    assert ckpt.refused == caplog.records[-1].getMessage()
+    assert step_folders(tmp_path) == ["step-00000001"]
+    assert manager(tmp_path, make_run(1)).load() == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs (root only); None where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, check=False).returncode:
+        yield None
+        return
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.parametrize("how", ["tmpfs", "injected"])
+def test_a_full_disk_says_so_and_the_next_start_resumes(tmp_path, small_disk, monkeypatch, how):
+    run = make_run(0)
+    if how == "tmpfs":
+        if small_disk is None:
+            pytest.skip("mounting a tmpfs is not allowed here")
+        folder = small_disk
+        (folder / "filler").write_bytes(b"\0" * (3 * 2**20))  # leaves 1 MB: too small for the 2 MB checkpoint
+    else:  # the writer fails the way a full disk makes it fail
+        folder = tmp_path / "run"
+        real_save = dcp.save
+
+        def full_disk(*args, **kwargs):
+            real_save(*args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(dcp, "save", full_disk)
+    ckpt = manager(folder, run)
+    with pytest.raises(OSError, match=r"no space left on device: checkpoint step 1 could not be written to "
+                                      r".*step-00000001.partial \(this rank's states take [\d.]+ MB, [\d.]+ MB"):
+        ckpt.save(1)
+    assert [p.name for p in folder.iterdir() if p.name.startswith("step")] == []  # nothing half-written is left
+    monkeypatch.undo()
+    if how == "tmpfs":
+        (folder / "filler").unlink()
+    train(run, 1)
+    manager(folder, run).save(1)
+    expected = snapshot(run)
+    fresh = make_run(1)
+    assert manager(folder, fresh).load() == 1
     assert_equal(snapshot(fresh), expected)
 
 

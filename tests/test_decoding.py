@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lrt_reference import sample_tokens, sequential_recurrence, tiny_args, tiny_model
-from titan_lrt.model.decoding import decode_step, generate, generate_tokens, prefill
+from titan_lrt.model.decoding import decode_step, generate, generate_tokens, prefill, sample
 from titan_lrt.model.schedule import run_schedule
 
 TOL = dict(rtol=1e-9, atol=1e-10)
@@ -95,6 +95,31 @@ def test_ragged_stop_and_seeded_sampling():
     assert a == b
     streamed = [tok.tolist() for tok, _ in generate(model, prompts, 3, temperature=0.0)]
     assert [list(col) for col in zip(*streamed)] == [f[:3] for f in free]
+
+
+def test_top_p_samples_only_the_nucleus_with_renormalised_probabilities():
+    """Probabilities 0.5, 0.3, 0.15, 0.05: top_p = 0.7 keeps the first two (0.5 < 0.7 before the
+    second, 0.8 >= 0.7 before the third), sampled as 0.625 / 0.375; top_k = 1 keeps only the first."""
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64).log().expand(4000, 4)
+    drawn = sample(logits, 1.0, None, torch.Generator().manual_seed(0), top_p=0.7)
+    counts = torch.bincount(drawn, minlength=4).tolist()
+    assert counts[2] == counts[3] == 0
+    assert abs(counts[0] / 4000 - 0.625) < 0.03
+    assert sample(logits, 1.0, 1, torch.Generator().manual_seed(0), top_p=0.99).unique().tolist() == [0]
+    every = sample(logits, 1.0, None, torch.Generator().manual_seed(0), top_p=1.0)
+    assert set(every.unique().tolist()) == {0, 1, 2, 3}
+    assert sample(logits[:1], 0.0, None, None, top_p=0.1).tolist() == [0]  # greedy ignores top-p
+
+
+def test_a_shared_generator_continues_one_stream_over_calls():
+    args = tiny_args()
+    model = tiny_model(args)
+    prompts = _prompts(args)
+    seeded = generate_tokens(model, prompts, 5, temperature=1.0, top_p=0.9, seed=7)
+    generator = torch.Generator().manual_seed(7)
+    assert generate_tokens(model, prompts, 5, temperature=1.0, top_p=0.9, generator=generator) == seeded
+    # the same generator goes on where the first call stopped: a second call differs from a fresh seed
+    assert generate_tokens(model, prompts, 5, temperature=1.0, top_p=0.9, generator=generator) != seeded
 
 
 def test_bad_prefill_mode_and_overlong_generation_are_rejected():

@@ -1,17 +1,22 @@
 """Loading a checkpoint written by the trainer, and the evaluation command end to end."""
 
 import json
+import os
+import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import tiny_args as trainer_args
+from titan_lrt.checkpoint import write_marker
 from titan_lrt.config import load_config
 from titan_lrt.data.tokenizer import Tokenizer
 from titan_lrt.eval.cli import main as eval_main
-from titan_lrt.eval.loading import load_model
+from titan_lrt.export import load_model
 from titan_lrt.model.schedule import run_schedule
 from titan_lrt.preemption import StopRequest
 from titan_lrt.train import Trainer
@@ -118,3 +123,35 @@ def test_a_run_folder_carries_its_tokenizer(small_data, tmp_path):
     private.unlink()
     loaded = load_model(dump)
     assert loaded.tokenizer.vocab_size == Tokenizer.from_file(tokenizer).vocab_size
+
+
+class _Payload:
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_the_evaluation_command_runs_no_code_from_a_crafted_step_folder(trained, tmp_path):
+    """A newer step folder whose .metadata is a pickle that would create a file, with a marker whose
+    checksums match: `python -m titan_lrt.eval` skips it, naming it, and evaluates the older one."""
+    _, step_folder = trained
+    checkpoints = tmp_path / "run" / "checkpoints"
+    shutil.copytree(step_folder, checkpoints / step_folder.name)
+    crafted = checkpoints / "step-00000009"
+    crafted.mkdir()
+    pwned = tmp_path / "pwned"
+    (crafted / ".metadata").write_bytes(pickle.dumps(_Payload(pwned)))
+    write_marker(crafted, step=9, world_size=1)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "titan_lrt.eval", "--checkpoint", str(tmp_path / "run"), "--modes", "none",
+         "--threads", "1", "--json", str(tmp_path / "eval.json")],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert not pwned.exists()
+    assert "skipping" in result.stderr and "step-00000009" in result.stderr and "refusing io.open" in result.stderr
+    assert json.loads((tmp_path / "eval.json").read_text())["step"] == 2

@@ -11,7 +11,7 @@ import torch
 
 from titan_lrt.checkpoint import CheckpointManager, ModelWrapper, checkpoint_problem
 from titan_lrt.config import load_config
-from titan_lrt.export import ModelFiles, load_exported, load_pretrained, read_model_files, write_exported_folder
+from titan_lrt.export import ModelFiles, load_model, read_model_files, write_exported_folder
 from titan_lrt.model.args import LRTArgs, ModelArgs
 from titan_lrt.model.decoding import generate_tokens
 from titan_lrt.model.transformer import Transformer
@@ -75,10 +75,11 @@ def test_export_round_trips_are_bit_exact(trained, tmp_path):
     tokens = torch.tensor([[0, 5, 17, 300, 2, 0, 44]])
     reference = original.build_model()(tokens).logits
     for path in ("exported", "model.pt"):
-        model, tokenizer, args = load_exported(tmp_path / path)
+        loaded = load_model(tmp_path / path)
+        model, tokenizer, args = loaded.model, loaded.tokenizer, loaded.model.args
         assert args == original.args and tokenizer.bos_id == args.bos_token_id == 0
         assert torch.equal(model(tokens).logits, reference)
-    model, _, _ = load_pretrained(step)
+    model = load_model(step).model
     assert torch.equal(model(tokens).logits, reference)
 
 
@@ -101,9 +102,9 @@ def test_generate_is_reproducible_with_a_seed_from_any_model_form(trained, tmp_p
     assert any(line.startswith("[0] def f(x):") for line in lines)
     assert any(line.startswith("[1] import os") for line in lines)
 
-    # without top-p the tool samples exactly as titan_lrt.model.decoding.generate does
+    # the tool streams exactly what titan_lrt.model.decoding.generate samples
     tok = read_model_files(exported).tokenizer()
-    model, _, _ = load_exported(exported)
+    model = load_model(exported).model
     prompt = [tok.bos_id, *tok.encode("class A:")]
     expected = generate_tokens(model, [prompt], 10, temperature=0.8, top_k=20, seed=5, stop_tokens=[tok.bos_id])[0]
     out = io.StringIO()

@@ -6,28 +6,39 @@ Layout of the checkpoint folder:
         .metadata             DCP metadata (written by DCP's coordinator once every rank wrote)
         __0_0.distcp ...      DCP data, one file per rank
         config.toml           the resolved run config (rank 0)
-        complete.json         the marker: step, world size, size of every file above
+        complete.json         the marker: step, world size, size and CRC-32 of every file above
     step-00000200.partial/    a save in flight, or one that a crash interrupted
 
 Atomicity: all ranks write into `step-N.partial`; only when DCP has finished on
 every rank (for an async save: when its future has completed) does rank 0
 write the marker and rename the folder to `step-N` (one atomic rename). A
-folder is complete when it has that exact name, the marker, files of the
-recorded sizes and readable metadata; "latest" is the highest complete step and
-anything above it is skipped with a warning. `keep_latest_k` only ever deletes
-older complete checkpoints, after the new one is complete.
+folder is complete when it has that exact name, the marker and files of the
+recorded sizes; it is loadable when, in addition, every file has the recorded
+checksum and the metadata reads. "latest" is the newest loadable step: newer
+ones that fail are skipped with a warning naming the folder and the reason.
+`keep_latest_k` only ever deletes older complete checkpoints, after the new one
+is complete, by renaming each to `step-N.deleting` before removing it; the next
+`load` removes such leftovers and interrupted saves.
 
 Keys: the state dict of each state is saved under its name (`model.<fqn>`,
 `optimizer.state.<fqn>.exp_avg`, ...; DCP flattens nested dicts). A state that
 differs per rank (`PerRankStateful`: the data loader, the RNG streams) is saved
-as `<name>.rank<r>`, rank r's state pickled to bytes: DCP lets every rank write
-its own non-tensor keys and read those of every other rank, so on load each rank
-gets the states of all saved ranks, in rank order, and merges them. This is what
-makes a resume on a different world size possible.
+as `<name>.rank<r>`, rank r's state as a uint8 tensor of JSON text: DCP lets
+every rank write its own keys and read those of every other rank, so on load
+each rank gets the states of all saved ranks, in rank order, and merges them.
+This is what makes a resume on a different world size possible.
+
+Trust: nothing of ours is pickled. DCP's `.metadata` is a pickle and DCP stores
+non-tensor values (the scheduler's ints, ...) with torch.save; both are read
+here through restricted unpicklers (`_MetadataUnpickler`, `torch.load(weights_only=True)`),
+and only for the folder actually loaded, after its checksums matched.
 """
 
 from __future__ import annotations
 
+import base64
+import errno
+import io
 import json
 import logging
 import os
@@ -37,18 +48,26 @@ import re
 import shutil
 import time
 import warnings
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import (
+    Metadata,
+    StorageMeta,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -56,6 +75,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
 
 logger = logging.getLogger(__name__)
 # DCP warns on every single-process save and load (also from the async writer thread), even
@@ -66,12 +86,23 @@ _ASYNC_WRITERS = {"disabled": None, "async": AsyncCheckpointerType.THREAD, "asyn
 ASYNC_MODES = tuple(_ASYNC_WRITERS)
 """checkpoint.async_mode: see `CheckpointManager`."""
 MARKER = "complete.json"
+RUN_CONFIG = "config.toml"
+"""The resolved run config, written into every step folder (it rebuilds the model without the trainer)."""
 RUN_TOKENIZER = "tokenizer.json"
-"""The trainer copies the run's tokenizer to <job.dump_folder>/tokenizer.json, so that a
-checkpoint carries everything needed to use the model."""
+"""The tokenizer's file name: the trainer copies the run's tokenizer to <job.dump_folder>/tokenizer.json,
+so that a checkpoint carries everything needed to use the model; converted checkpoints and exported
+folders hold one under the same name."""
 MODEL = "model"
+METADATA = ".metadata"
+"""DCP's metadata file (a pickle; see `_MetadataUnpickler`)."""
+CHECKSUM = "crc32"
+"""The checksum `complete.json` records per file: zlib's CRC-32, fast enough to verify every load."""
+_CHUNK = 16 * 2**20
 _STEP_FOLDER = re.compile(r"step-(\d{8})(.*)")
 _PARTIAL = ".partial"
+_DELETING = ".deleting"
+_REPLACED = ".replaced"
+_LEFTOVER_SUFFIXES = (_PARTIAL, _DELETING, _REPLACED)
 
 
 def step_folder_name(step: int) -> str:
@@ -106,7 +137,7 @@ class PerRankStateful(ABC):
 
     @abstractmethod
     def state_dict(self) -> Any:
-        """This rank's state (picklable)."""
+        """This rank's state: JSON types (dict, list, str, int, float, bool, None) and CPU tensors."""
 
     @abstractmethod
     def load_rank_states(self, states: list[Any], rank: int) -> None:
@@ -160,7 +191,8 @@ class TrainState(PerRankStateful):
 
 def rng_state() -> dict[str, Any]:
     """This process's RNG streams: torch CPU, CUDA (current device, when available), Python."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss_next]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -168,9 +200,47 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---- per-rank states as JSON -------------------------------------------------------------
+# Saved as a uint8 tensor of JSON text: no pickle, so a crafted checkpoint cannot run code
+# through them. Tensors inside (the RNG states) travel as base64 of their bytes.
+
+_TENSOR = "__tensor__"
+
+
+def encode_rank_state(state: Any) -> torch.Tensor:
+    """A per-rank state (JSON types and CPU tensors) as a uint8 tensor of JSON text."""
+    text = json.dumps(state, default=_encode_tensor, allow_nan=False)
+    return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
+
+
+def decode_rank_state(data: torch.Tensor) -> Any:
+    return json.loads(bytes(data.numpy()).decode(), object_hook=_decode_tensor)
+
+
+def _encode_tensor(value: Any) -> dict[str, Any]:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"per-rank checkpoint states hold JSON types and tensors, not {type(value).__name__}")
+    value = value.detach().cpu().contiguous()
+    raw = value.view(torch.uint8).numpy().tobytes() if value.numel() else b""
+    return {_TENSOR: str(value.dtype).removeprefix("torch."), "shape": list(value.shape),
+            "data": base64.b64encode(raw).decode()}
+
+
+def _decode_tensor(obj: dict[str, Any]) -> Any:
+    if _TENSOR not in obj:
+        return obj
+    dtype = getattr(torch, obj[_TENSOR])
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"per-rank state: {obj[_TENSOR]!r} is not a torch dtype")
+    raw = bytearray(base64.b64decode(obj["data"]))
+    flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+    return flat.view(dtype).reshape(obj["shape"])
 
 
 # ---- folders ------------------------------------------------------------------------------
@@ -185,8 +255,13 @@ def step_folders(folder: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found, key=lambda item: (item[0], item[1].name), reverse=True)
 
 
-def checkpoint_problem(path: str | os.PathLike) -> str | None:
-    """Why `path` is not a complete checkpoint, or None when it is one."""
+def checkpoint_problem(path: str | os.PathLike, *, verify: bool = False) -> str | None:
+    """Why `path` is not a complete checkpoint, or None when it is one.
+
+    Complete: the step folder's final name, a well-formed marker, every listed file present
+    with its recorded size. `verify` also reads every file against its recorded checksum and
+    reads the DCP metadata (through `_MetadataUnpickler`): what loading it takes.
+    """
     path = Path(path)
     if not path.exists():
         return "it does not exist"
@@ -196,32 +271,150 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     if match and match.group(2):
         return f"its name ends in {match.group(2)!r}: a save that has not finished (or was interrupted)"
     try:
-        marker = json.loads((path / MARKER).read_text())
-        files = marker["files"]
+        files = _marker_files(read_marker(path))
     except FileNotFoundError:
         return f"it has no {MARKER} marker: a save that was interrupted, or not a titan_lrt checkpoint"
-    except (ValueError, KeyError, TypeError) as err:
-        return f"its {MARKER} is unreadable ({err!r})"
-    for name, size in files.items():
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        return f"its {MARKER} is unreadable ({err})"
+    for name, (size, _) in files.items():
         try:
             actual = (path / name).stat().st_size
         except FileNotFoundError:
             return f"file {name}, listed in {MARKER}, is missing"
         if actual != size:
             return f"file {name} has {actual} bytes, {MARKER} records {size}"
+    if not verify:
+        return None
+    recorded = {name: checksum for name, (_, checksum) in files.items() if checksum is not None}
+    for name, actual in checksums(path, list(recorded)).items():
+        if actual != recorded[name]:
+            return f"file {name} is damaged: its {CHECKSUM} is {actual}, {MARKER} records {recorded[name]}"
     try:
-        _read_metadata(path)
+        read_metadata(path)
     except Exception as err:  # noqa: BLE001 - any failure to read means "not loadable"
         return f"its DCP metadata is unreadable ({type(err).__name__}: {err})"
     return None
 
 
-def _read_metadata(path: Path) -> Metadata:
-    return dcp.FileSystemReader(str(path)).read_metadata()
+def read_marker(path: Path) -> dict[str, Any]:
+    marker = json.loads((path / MARKER).read_text())
+    if not isinstance(marker, dict) or not isinstance(marker.get("step"), int):
+        raise TypeError("expected a JSON object with an integer 'step'")
+    return marker
 
 
-def _marker_step(path: Path) -> int:
-    return json.loads((path / MARKER).read_text())["step"]
+def _marker_files(marker: dict[str, Any]) -> dict[str, tuple[int, str | None]]:
+    """name -> (size, checksum) of the files a marker lists; markers of older versions record
+    sizes only (checksum None)."""
+    files = marker["files"]
+    if not isinstance(files, dict) or METADATA not in files:
+        raise ValueError(f"'files' must be an object listing {METADATA} and the data files")
+    out = {}
+    for name, entry in files.items():
+        if "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"file name {name!r} is not a plain name")
+        size, checksum = (entry, None) if isinstance(entry, int) else (entry["size"], entry[CHECKSUM])
+        if not isinstance(size, int) or not (checksum is None or isinstance(checksum, str)):
+            raise ValueError(f"entry of {name!r} is malformed: {entry!r}")
+        out[name] = (size, checksum)
+    return out
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+    """CRC-32 of a file, read in big chunks (zlib releases the GIL, so threads run in parallel)."""
+    crc = 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def checksums(folder: Path, names: Sequence[str]) -> dict[str, str]:
+    """name -> checksum of files in `folder`, several files at once."""
+    if not names:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
+        return dict(zip(names, pool.map(lambda name: file_checksum(folder / name), names)))
+
+
+def write_marker(folder: Path, step: int, world_size: int) -> dict[str, Any]:
+    """Write `complete.json` into a finished folder: step, world size, size and checksum of every file.
+    The one writer of the marker (the trainer's saves and `export.write_checkpoint`)."""
+    names = sorted(p.name for p in folder.iterdir() if p.name != MARKER)
+    sums = checksums(folder, names)
+    files = {name: {"size": (folder / name).stat().st_size, CHECKSUM: sums[name]} for name in names}
+    marker = {"step": step, "world_size": world_size, "files": files, "saved_at": time.time()}
+    with open(folder / MARKER, "w") as f:
+        json.dump(marker, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    return marker
+
+
+def read_metadata(path: str | os.PathLike) -> Metadata:
+    """The DCP metadata of a step folder, unpickled with `_MetadataUnpickler` (no code runs)."""
+    return _SafeReader(str(path)).read_metadata()
+
+
+def load_dcp(state_dict: dict[str, Any], path: str | os.PathLike, **kwargs: Any) -> None:
+    """`dcp.load` with the restricted readers: metadata by `_MetadataUnpickler`, non-tensor values
+    by `torch.load(weights_only=True)`."""
+    try:
+        dcp.load(state_dict, storage_reader=_SafeReader(str(path)), planner=_SafeLoadPlanner(), **kwargs)
+    except CheckpointException as err:  # a BaseException listing each rank's traceback: say the first cause
+        raise ValueError(f"checkpoint {path} could not be read: {_first_cause(err)}") from None
+
+
+def _first_cause(err: CheckpointException) -> str:
+    cause = _unwrap(next(iter(err.failures.values()), err))
+    lines = str(cause).splitlines() or [""]
+    detail = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
+    return f"{type(cause).__name__}: {detail}"
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata, refusing every global but the metadata classes and torch types it
+    uses: a crafted `.metadata` cannot name a function to call."""
+
+    ALLOWED: ClassVar[dict[str, set[str]]] = {
+        "torch.distributed.checkpoint.metadata": {
+            "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+            "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING",
+        },
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch.serialization": {"_get_layout"},
+        "torch": {"Size"},
+        "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+        "collections": {"OrderedDict"},
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in self.ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing {module}.{name}: not a DCP metadata type")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        with open(Path(self.path) / METADATA, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise TypeError(f"{METADATA} holds a {type(metadata).__name__}, not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)  # DCP's own uses weights_only=False
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 def _contents(path: Path, limit: int = 12) -> str:
@@ -246,6 +439,8 @@ class _PendingSave:
     partial: Path
     started: float
     future: Future
+    needed: int
+    """Bytes of this rank's states (for the message of a full disk)."""
 
 
 # ---- the manager --------------------------------------------------------------------------
@@ -272,7 +467,6 @@ class CheckpointManager:
         initial_load_path: str | os.PathLike | None,
         initial_load_model_only: bool = True,
         run_config: str | None = None,
-        run_config_name: str = "config.toml",
     ):
         """
         folder: the run's checkpoint folder, e.g. `<dump_folder>/checkpoints`.
@@ -280,13 +474,14 @@ class CheckpointManager:
         keep_latest_k: keep this many newest checkpoints (0: keep all).
         async_mode: "disabled", "async" (a writer thread) or "async_process" (a writer process per
             rank; needs torch.distributed initialized and a `__main__` guard in the launched script).
-        load: "latest" (resume from the newest complete checkpoint, if any), "none" (start fresh)
-            or the path of a step folder.
+        load: "latest" (resume from the newest loadable checkpoint, falling back past damaged ones;
+            an error when step folders exist and none loads), "none" (start fresh) or the path of a
+            step folder.
         initial_load_path: a checkpoint to start from when nothing is resumed (`load` is "none",
             or "latest" with no checkpoint in `folder`).
         initial_load_model_only: from `initial_load_path` take the model weights only (the run
             starts at step 0); False restores every state, as a resume would.
-        run_config: the resolved run config, written by rank 0 into every checkpoint as `run_config_name`.
+        run_config: the resolved run config, written by rank 0 into every checkpoint as `RUN_CONFIG`.
         """
         # interval, keep_latest_k and async_mode are checked where the config is loaded.
         if async_mode == "async_process" and not dist.is_initialized():
@@ -312,7 +507,6 @@ class CheckpointManager:
         self.initial_load_path = Path(initial_load_path) if initial_load_path else None
         self.initial_load_model_only = initial_load_model_only
         self.run_config = run_config
-        self.run_config_name = run_config_name
         if load not in ("latest", "none"):
             self._check_complete(Path(load), "checkpoint.load")
         if self.initial_load_path is not None:
@@ -326,37 +520,50 @@ class CheckpointManager:
         self._pg = dist.new_group(backend="gloo") if self.distributed else None
         self._pending: _PendingSave | None = None
         self._last_saved: int | None = None
+        self.refused: str | None = None
+        """Why the last save that was due was refused (non-finite states), None when it was written."""
 
     # ---- saving ---------------------------------------------------------------------------
 
     def save(self, step: int, *, force: bool = False) -> bool:
-        """Save at every `interval`-th step, or now when `force` (the last step); returns whether it did."""
+        """Save at every `interval`-th step, or now when `force` (the last step); returns whether it did.
+
+        Refuses (returns False, logging one line) when any parameter or optimizer value is not
+        finite: such a checkpoint would make every later resume fail the same way. Raises OSError
+        (ENOSPC) with the path and sizes when the disk is full; the unfinished folder is removed.
+        """
         if self._pending is not None and self._pending.future.done():
             self.maybe_wait()
         if (step % self.interval and not force) or step == self._last_saved:
             return False
         self.maybe_wait()
         started = time.perf_counter()
-        partial = self.folder / (step_folder_name(step) + _PARTIAL)
-        if self.rank == 0:
-            if partial.exists():
-                logger.warning("removing %s, left behind by an interrupted save", partial)
-                shutil.rmtree(partial)
-            partial.mkdir(parents=True)
-            if self.run_config is not None:
-                (partial / self.run_config_name).write_text(self.run_config)
-        if self.distributed:
-            dist.barrier(group=self._pg)  # nobody writes into the folder before rank 0 has (re)made it
         state_dict = self._state_dict_to_save()
-        kwargs = dict(checkpoint_id=str(partial), process_group=self._pg, no_dist=not self.distributed)
-        if self.async_mode == "disabled":
-            dcp.save(state_dict, **kwargs)
+        if self._refuse_non_finite(step, state_dict):
+            return False
+        partial = self.folder / (step_folder_name(step) + _PARTIAL)
+        needed = _nbytes(state_dict)
+        try:
             if self.rank == 0:
-                self._commit(step, partial, started)
-        else:
-            future = dcp.async_save(state_dict, async_checkpointer_type=self._async_writer, **kwargs)
-            self._pending = _PendingSave(step, partial, started, future)
-            logger.info("checkpoint step %d: staged in %.2f s, writing in the background", step, time.perf_counter() - started)
+                if partial.exists():
+                    logger.warning("removing %s, left behind by an interrupted save", partial)
+                    shutil.rmtree(partial)
+                partial.mkdir(parents=True)
+                if self.run_config is not None:
+                    (partial / RUN_CONFIG).write_text(self.run_config)
+            if self.distributed:
+                dist.barrier(group=self._pg)  # nobody writes into the folder before rank 0 has (re)made it
+            kwargs = dict(checkpoint_id=str(partial), process_group=self._pg, no_dist=not self.distributed)
+            if self.async_mode == "disabled":
+                dcp.save(state_dict, **kwargs)
+                if self.rank == 0:
+                    self._commit(step, partial, started)
+            else:
+                future = dcp.async_save(state_dict, async_checkpointer_type=self._async_writer, **kwargs)
+                self._pending = _PendingSave(step, partial, started, future, needed)
+                logger.info("checkpoint step %d: staged in %.2f s, writing in the background", step, time.perf_counter() - started)
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - re-raised by _save_failed
+            self._save_failed(err, step, partial, needed)
         self._last_saved = step
         return True
 
@@ -367,9 +574,12 @@ class CheckpointManager:
             return
         # On rank 0 the future completes after DCP's coordinator wrote the metadata, which it
         # does only once every rank reported its writes done: the whole folder is written.
-        pending.future.result()
-        if self.rank == 0:
-            self._commit(pending.step, pending.partial, pending.started)
+        try:
+            pending.future.result()
+            if self.rank == 0:
+                self._commit(pending.step, pending.partial, pending.started)
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - re-raised by _save_failed
+            self._save_failed(err, pending.step, pending.partial, pending.needed)
 
     def close(self) -> None:
         """Finish the save in flight and release the checkpoint process group."""
@@ -382,23 +592,51 @@ class CheckpointManager:
         state_dict: dict[str, Any] = {}
         for name, state in self.states.items():
             if isinstance(state, PerRankStateful):
-                state_dict[f"{name}.rank{self.rank}"] = pickle.dumps(state.state_dict())
+                state_dict[f"{name}.rank{self.rank}"] = encode_rank_state(state.state_dict())
             else:
                 state_dict[name] = state.state_dict()
         return state_dict
 
+    def _refuse_non_finite(self, step: int, state_dict: dict[str, Any]) -> bool:
+        """Whether any rank holds a non-finite value (all ranks agree); logs the first one found."""
+        bad = [key for key, value in _flat_tensors(state_dict) if not _all_finite(value)]
+        counts = torch.zeros(self.world_size, dtype=torch.long)
+        counts[self.rank] = len(bad)
+        if self.distributed:
+            dist.all_reduce(counts, group=self._pg)
+        if not counts.any():
+            self.refused = None
+            return False
+        where = (f"{bad[0]!r}" + (f" and {len(bad) - 1} more tensors" if len(bad) > 1 else "")) if bad else (
+            f"tensors of rank(s) {counts.nonzero().flatten().tolist()}")
+        self.refused = (f"checkpoint step {step} NOT saved: non-finite values (nan/inf) in {where}; "
+                        f"the newest checkpoint in {self.folder} is left as it was")
+        if bad or self.rank == 0:
+            logger.error("%s", self.refused)
+        return True
+
+    def _save_failed(self, err: BaseException, step: int, partial: Path, needed: int) -> None:
+        """Remove the unfinished folder and re-raise; a full disk as one line saying so."""
+        free = _free_bytes(self.folder)
+        full = _out_of_space(err) or (free is not None and free < needed)
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        if not full:
+            raise err
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left on device: checkpoint step {step} could not be written to {partial} (this rank's "
+            f"states take {_mb(needed)}, {_mb(free)} was free on that file system; the unfinished folder is "
+            f"removed and older checkpoints are intact). Free space, or move job.dump_folder, then resume",
+        ) from err
+
     def _commit(self, step: int, partial: Path, started: float) -> None:
         """Rank 0: mark the written folder complete, move it into place, drop the oldest."""
-        files = {p.name: p.stat().st_size for p in sorted(partial.iterdir())}
-        marker = {"step": step, "world_size": self.world_size, "files": files, "saved_at": time.time()}
-        with open(partial / MARKER, "w") as f:
-            json.dump(marker, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        marker = write_marker(partial, step, self.world_size)
         final = self.folder / step_folder_name(step)
         if final.exists():
             logger.warning("replacing %s, an earlier checkpoint of the same step", final)
-            replaced = final.with_name(final.name + ".replaced")
+            replaced = final.with_name(final.name + _REPLACED)
             shutil.rmtree(replaced, ignore_errors=True)
             os.rename(final, replaced)
             os.rename(partial, final)
@@ -410,7 +648,7 @@ class CheckpointManager:
             "checkpoint step %d saved to %s (%.1f MB) in %.2f s",
             step,
             final,
-            sum(files.values()) / 2**20,
+            sum(f["size"] for f in marker["files"].values()) / 2**20,
             time.perf_counter() - started,
         )
         complete = self._complete_steps()
@@ -426,7 +664,7 @@ class CheckpointManager:
             for old in complete[: -self.keep_latest_k]:
                 if old != step:
                     logger.info("removing %s (keep_latest_k=%d)", step_folder_name(old), self.keep_latest_k)
-                    shutil.rmtree(self.folder / step_folder_name(old))
+                    _remove_folder(self.folder / step_folder_name(old))
 
     # ---- finding checkpoints ------------------------------------------------------------
 
@@ -448,8 +686,46 @@ class CheckpointManager:
                 logger.warning("skipping %s: %s", path, problem)
         return None
 
-    def _check_complete(self, path: Path, setting: str) -> None:
-        problem = checkpoint_problem(path)
+    def remove_leftovers(self) -> None:
+        """Remove what interrupted saves and deletions left: `step-N.partial` (`.deleting`, `.replaced`)
+        folders, and step folders holding nothing but the marker. Never a folder with data."""
+        in_flight = self._pending.partial if self._pending is not None else None
+        for _, path in self._step_folders():
+            suffix = _STEP_FOLDER.fullmatch(path.name).group(2)
+            if path == in_flight or not path.is_dir():
+                continue
+            if suffix in _LEFTOVER_SUFFIXES:
+                logger.warning("skipping and removing %s: a save or deletion that was interrupted", path)
+                shutil.rmtree(path)
+            elif not suffix and {p.name for p in path.iterdir()} <= {MARKER}:
+                logger.warning("removing %s: it holds only %s, left by a deletion that was interrupted", path, MARKER)
+                shutil.rmtree(path)
+
+    def _newest_loadable(self, *, required: bool) -> Path | None:
+        """The newest step folder that loads (checksums and metadata verified); damaged ones are skipped
+        with a warning naming the folder and the reason. Raises when step folders exist and none loads
+        (or, if `required`, when there is none at all)."""
+        failed = []
+        for _, path in self._step_folders():
+            if _STEP_FOLDER.fullmatch(path.name).group(2):
+                continue  # not a step folder's final name: not ours to judge
+            problem = checkpoint_problem(path, verify=True)
+            if problem is None:
+                if failed:
+                    logger.warning("falling back to %s", path)
+                return path
+            logger.warning("skipping %s: %s", path, problem)
+            failed.append(f"{path.name}: {problem}")
+        if failed or required:
+            raise ValueError(
+                f"no checkpoint in {self.folder} can be loaded"
+                + (f" ({'; '.join(failed)})" if failed else "")
+                + ". Repair or remove the step folders, or start fresh with checkpoint.load='none'"
+            )
+        return None
+
+    def _check_complete(self, path: Path, setting: str, *, verify: bool = False) -> None:
+        problem = checkpoint_problem(path, verify=verify)
         if problem is None:
             return
         complete = [step_folder_name(s) for s in self._complete_steps()]
@@ -465,14 +741,25 @@ class CheckpointManager:
     def load(self, step: int | None = None) -> int | None:
         """Restore the states per the `load` setting, or from this folder's `step` when given.
 
-        Returns the step training resumes from: the checkpoint's step, 0 after a model-only
-        initial load, None when nothing was loaded (a fresh start).
+        First removes the leftovers of interrupted saves (`remove_leftovers`). Returns the step
+        training resumes from: the checkpoint's step, 0 after a model-only initial load, None when
+        nothing was loaded (a fresh start).
         """
+        return self._load(lambda: self._choose(step))
+
+    def load_latest_good(self) -> int:
+        """Restore every state from the newest checkpoint of this folder that loads, whatever the
+        `load` setting (a rollback); damaged newer ones are skipped with a warning. Returns its step;
+        raises ValueError when there is none."""
+        return self._load(lambda: (self._newest_loadable(required=True), False))
+
+    def _load(self, choose: Callable[[], tuple[Path, bool] | None]) -> int | None:
         self.maybe_wait()
         choice: Any = None
         if self.rank == 0:
             try:
-                choice = self._choose(step)
+                self.remove_leftovers()
+                choice = choose()
             except Exception as err:  # noqa: BLE001 - raised below on every rank, not only here
                 choice = err
         if self.distributed:  # every rank loads what rank 0 found
@@ -486,7 +773,7 @@ class CheckpointManager:
             return None
         path, model_only = choice
         started = time.perf_counter()
-        metadata = _read_metadata(path)
+        metadata = read_metadata(path)
         model_state = self.states[MODEL].state_dict()
         _check_model(path, model_state, metadata)
         state_dict: dict[str, Any] = {MODEL: model_state}
@@ -497,17 +784,19 @@ class CheckpointManager:
                     continue
                 if isinstance(state, PerRankStateful):
                     ranks[name] = _saved_ranks(path, metadata, name)
-                    state_dict.update({f"{name}.rank{r}": b"" for r in ranks[name]})
+                    for r in ranks[name]:
+                        state_dict[f"{name}.rank{r}"] = _rank_state_buffer(path, metadata, f"{name}.rank{r}")
                 else:
                     _check_present(path, metadata, name)
                     state_dict[name] = state.state_dict()
-        dcp.load(state_dict, checkpoint_id=str(path), process_group=self._pg, no_dist=not self.distributed)
+        load_dcp(state_dict, path, process_group=self._pg, no_dist=not self.distributed)
         for name, state in self.states.items():
             if name in ranks:
-                state.load_rank_states([pickle.loads(state_dict[f"{name}.rank{r}"]) for r in ranks[name]], self.rank)
+                states = [decode_rank_state(state_dict[f"{name}.rank{r}"]) for r in ranks[name]]
+                state.load_rank_states(states, self.rank)
             elif name in state_dict:
                 state.load_state_dict(state_dict[name])
-        resumed = 0 if model_only else _marker_step(path)
+        resumed = 0 if model_only else read_marker(path)["step"]
         if not model_only:
             self._last_saved = resumed  # a forced save of the same step would rewrite what was just loaded
         logger.info(
@@ -522,43 +811,56 @@ class CheckpointManager:
         """(path, model_only) of what to load, or None for a fresh start; raises on a bad setting."""
         if step is not None:
             path = self.folder / step_folder_name(step)
-            self._check_complete(path, "load(step)")
+            self._check_complete(path, "load(step)", verify=True)
             return path, False
         if self.load_setting == "latest":
-            latest = self.latest_step()
+            latest = self._newest_loadable(required=False)
             if latest is not None:
-                return self.folder / step_folder_name(latest), False
+                return latest, False
         elif self.load_setting != "none":
             path = Path(self.load_setting)
-            self._check_complete(path, "checkpoint.load")
+            self._check_complete(path, "checkpoint.load", verify=True)
             return path, False
         if self.initial_load_path is not None:
-            self._check_complete(self.initial_load_path, "checkpoint.initial_load_path")
+            self._check_complete(self.initial_load_path, "checkpoint.initial_load_path", verify=True)
             return self.initial_load_path, self.initial_load_model_only
         return None
 
 
 def _check_model(path: Path, model_state: dict[str, Any], metadata: Metadata) -> None:
     """Fail before reading any data when the checkpoint's model keys or shapes differ from the model's."""
-    saved = {
-        key[len(MODEL) + 1 :]: md for key, md in metadata.state_dict_metadata.items() if key.startswith(MODEL + ".")
+    check_model_keys(f"checkpoint {path}", {k: _shape(v) for k, v in model_state.items()}, saved_model_shapes(metadata))
+
+
+def saved_model_shapes(metadata: Metadata) -> dict[str, tuple[int, ...] | None]:
+    """fqn -> shape (None for a non-tensor value) of the `model.*` entries of DCP metadata."""
+    prefix = MODEL + "."
+    return {
+        key[len(prefix) :]: tuple(md.size) if isinstance(md, TensorStorageMetadata) else None
+        for key, md in metadata.state_dict_metadata.items()
+        if key.startswith(prefix)
     }
-    for key, value in model_state.items():
+
+
+def check_model_keys(
+    source: str, model: Mapping[str, tuple[int, ...] | None], saved: Mapping[str, tuple[int, ...] | None]
+) -> None:
+    """Fail with the first key or shape of saved weights (a checkpoint's, an export's) that does not fit
+    the model: every model key saved, with the model's shape, and nothing else."""
+    for key, shape in model.items():
         if key not in saved:
             raise ValueError(
-                f"checkpoint {path} does not match the model: model key {key!r} "
-                f"(shape {_shape(value)}) is not in the checkpoint"
+                f"{source} does not match the model: model key {key!r} (shape {shape}) is not in the checkpoint"
             )
-        saved_shape = tuple(saved[key].size) if isinstance(saved[key], TensorStorageMetadata) else None
-        if saved_shape != _shape(value):
+        if saved[key] != shape:
             raise ValueError(
-                f"checkpoint {path} does not match the model: key {key!r} has shape {saved_shape} "
-                f"in the checkpoint and {_shape(value)} in the model"
+                f"{source} does not match the model: key {key!r} has shape {saved[key]} "
+                f"in the checkpoint and {shape} in the model"
             )
-    extra = sorted(set(saved) - set(model_state))
+    extra = sorted(set(saved) - set(model))
     if extra:
         raise ValueError(
-            f"checkpoint {path} does not match the model: checkpoint key {extra[0]!r} "
+            f"{source} does not match the model: checkpoint key {extra[0]!r} "
             f"({len(extra)} such keys in all) is not in the model"
         )
 
@@ -590,3 +892,76 @@ def _saved_ranks(path: Path, metadata: Metadata, name: str) -> list[int]:
         raise ValueError(f"checkpoint {path} has {name!r} entries of ranks {ranks}, expected 0..{len(ranks) - 1}")
     return ranks
 
+
+def _rank_state_buffer(path: Path, metadata: Metadata, key: str) -> torch.Tensor:
+    """Room for a saved per-rank state (JSON text as uint8); older versions pickled these."""
+    md = metadata.state_dict_metadata[key]
+    if not isinstance(md, TensorStorageMetadata) or md.properties.dtype != torch.uint8:
+        raise ValueError(
+            f"checkpoint {path} holds {key!r} as a pickle (written by an older titan_lrt), which is never "
+            "unpickled; take its model only with checkpoint.initial_load_path, or start fresh"
+        )
+    return torch.empty(tuple(md.size), dtype=torch.uint8)
+
+
+def _flat_tensors(value: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """(dotted key, tensor) of every floating-point tensor in a nested state dict."""
+    if isinstance(value, torch.Tensor):
+        return [(prefix, value)] if value.is_floating_point() else []
+    if isinstance(value, Mapping):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return []
+    return [found for key, item in items for found in _flat_tensors(item, f"{prefix}.{key}" if prefix else str(key))]
+
+
+def _all_finite(value: torch.Tensor) -> bool:
+    local = value.to_local() if isinstance(value, DTensor) else value
+    return bool(torch.isfinite(local).all())
+
+
+def _nbytes(state_dict: dict[str, Any]) -> int:
+    tensors = [t.to_local() if isinstance(t, DTensor) else t for _, t in _flat_tensors(state_dict)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _out_of_space(err: BaseException) -> bool:
+    """Whether ENOSPC is anywhere in the error's chain (DCP wraps errors per rank)."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        e = _unwrap(e)
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in str(e):
+            return True
+        failures = getattr(e, "failures", None)
+        todo += [e.__cause__, e.__context__, *(failures.values() if isinstance(failures, dict) else ())]
+    return False
+
+
+def _unwrap(failure: Any) -> Any:
+    """The exception of one of DCP's per-rank failures, an (exception, traceback) tuple."""
+    return failure[0] if isinstance(failure, tuple) and failure else failure
+
+
+def _free_bytes(folder: Path) -> int | None:
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return shutil.disk_usage(path).free
+    return None
+
+
+def _mb(nbytes: int | None) -> str:
+    return "an unknown amount" if nbytes is None else f"{nbytes / 2**20:.1f} MB"
+
+
+def _remove_folder(path: Path) -> None:
+    """Delete a step folder so that an interruption leaves a `.deleting` leftover, never a
+    `step-N` folder with part of its files."""
+    doomed = path.with_name(path.name + _DELETING)
+    os.rename(path, doomed)
+    shutil.rmtree(doomed)

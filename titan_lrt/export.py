@@ -14,17 +14,23 @@ one of two self-describing forms:
 Either converts back into a model-only DCP folder that a new run takes as
 `checkpoint.initial_load_path`. Every direction copies the tensors as they are:
 same names, shapes, dtypes and bits.
+
+`load_model` is the one way to load a trained model for use (evaluation,
+generation); `read_model_files` the one reader of every form (conversion).
+Reading an exported folder unpickles nothing (safetensors and JSON); the torch
+file is read with `torch.load(weights_only=True)`; a DCP checkpoint through the
+restricted readers of `titan_lrt.checkpoint`, after its checksums matched.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import tokenizers
 import torch
@@ -33,19 +39,31 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from titan_lrt.checkpoint import MARKER, MODEL, RUN_TOKENIZER, checkpoint_problem, step_folders
+from titan_lrt.checkpoint import (
+    METADATA,
+    MODEL,
+    RUN_CONFIG,
+    RUN_TOKENIZER,
+    check_model_keys,
+    checkpoint_problem,
+    load_dcp,
+    read_marker,
+    read_metadata,
+    saved_model_shapes,
+    step_folders,
+    write_marker,
+)
 from titan_lrt.config import MODEL_OVERRIDES, Config, ConfigError, load_config
 from titan_lrt.data.tokenizer import Tokenizer
 from titan_lrt.model.args import LRTArgs, ModelArgs
 from titan_lrt.model.transformer import Transformer
 
+logger = logging.getLogger(__name__)
+
 FORMAT = "titan_lrt"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
-RUN_CONFIG_FILE = "config.toml"
-"""The run config the trainer writes into every checkpoint step folder."""
 
 
 @dataclass
@@ -61,9 +79,9 @@ class ModelFiles:
     """The document-start token (the model's `bos_token_id`)."""
     source: str = ""
     """Where the weights came from (for people reading config.json)."""
-    step: Optional[int] = None
+    step: int | None = None
     """Training step of a DCP checkpoint (None for exported models)."""
-    run_config: Optional[Config] = None
+    run_config: Config | None = None
     """The run's resolved config, for a DCP checkpoint (seq_len, data, ... as trained)."""
 
     def training_config(self) -> Config:
@@ -78,7 +96,7 @@ class ModelFiles:
         """The model in eval mode, with these weights (no copy on the CPU)."""
         with torch.device("meta"):
             model = Transformer(self.args)
-        _check_weights(model.state_dict(), self.state_dict, self.source)
+        check_model_keys(self.source, _shapes(model.state_dict()), _shapes(self.state_dict))
         model.load_state_dict(self.state_dict, strict=True, assign=True)
         model.init_buffers(torch.device(device))
         return model.to(device).eval()
@@ -97,7 +115,7 @@ class ModelFiles:
 # ---- reading ------------------------------------------------------------------------------
 
 
-def read_model_files(path: str | os.PathLike, tokenizer_path: Optional[str | os.PathLike] = None) -> ModelFiles:
+def read_model_files(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> ModelFiles:
     """Read any model form: a DCP checkpoint (step folder, checkpoints folder or dump folder),
     an exported folder or an exported torch file.
 
@@ -122,12 +140,12 @@ def read_exported(path: str | os.PathLike) -> ModelFiles:
                              f"config, state_dict, tokenizer; got {_describe_keys(saved)}")
         config, state_dict, tokenizer_json = saved["config"], saved["state_dict"], saved["tokenizer"]
     elif path.is_dir():
-        missing = [n for n in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE) if not (path / n).is_file()]
+        missing = [n for n in (WEIGHTS_FILE, CONFIG_FILE, RUN_TOKENIZER) if not (path / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{path} is not an exported model folder: {', '.join(missing)} missing")
         config = json.loads((path / CONFIG_FILE).read_text())
         state_dict = load_file(path / WEIGHTS_FILE)
-        tokenizer_json = (path / TOKENIZER_FILE).read_text()
+        tokenizer_json = (path / RUN_TOKENIZER).read_text()
     else:
         raise FileNotFoundError(f"exported model {str(path)!r} does not exist")
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
@@ -142,14 +160,14 @@ def read_exported(path: str | os.PathLike) -> ModelFiles:
     )
 
 
-def read_checkpoint(path: str | os.PathLike, tokenizer_path: Optional[str | os.PathLike] = None) -> ModelFiles:
+def read_checkpoint(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> ModelFiles:
     """Read the model of a DCP checkpoint; the model arguments come from the run's config.toml
     in the step folder and the tokenizer (see `checkpoint_tokenizer`). Only the `model.*`
     keys are read, not the optimizer or data-loader states."""
     folder = find_checkpoint(path)
-    config_file = folder / RUN_CONFIG_FILE
+    config_file = folder / RUN_CONFIG
     if not config_file.is_file():
-        raise FileNotFoundError(f"{folder} has no {RUN_CONFIG_FILE}: cannot tell the model's arguments "
+        raise FileNotFoundError(f"{folder} has no {RUN_CONFIG}: cannot tell the model's arguments "
                                 "(the trainer writes the run's config into every step folder)")
     try:
         config, _ = load_config(["--config", str(config_file)])
@@ -159,44 +177,48 @@ def read_checkpoint(path: str | os.PathLike, tokenizer_path: Optional[str | os.P
     tokenizer = Tokenizer.from_file(tokenizer_file)
     args = config.model_args(tokenizer.vocab_size, tokenizer.bos_id)
     with torch.device("meta"):
-        expected = Transformer(args).state_dict()
-    _check_saved_keys(folder, expected)
+        expected = _shapes(Transformer(args).state_dict())
+    metadata = read_metadata(folder)
+    check_model_keys(f"checkpoint {folder} (against its {RUN_CONFIG})", expected, saved_model_shapes(metadata))
     files = ModelFiles(
-        state_dict=_read_dcp_model(folder),
+        state_dict=_read_dcp_model(folder, metadata),
         args=args,
         tokenizer_json=tokenizer_file.read_text(),
         bos_token=tokenizer.bos_token,
         source=str(folder),
-        step=json.loads((folder / MARKER).read_text()).get("step"),
+        step=read_marker(folder)["step"],
         run_config=config,
     )
-    _check_weights(expected, files.state_dict, str(folder))
+    check_model_keys(str(folder), expected, _shapes(files.state_dict))
     return files
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """A complete DCP step folder: `path` itself, else the newest one in `path` or `path/checkpoints`."""
+    """A loadable DCP step folder: `path` itself, else the newest one in `path` or `path/checkpoints`
+    (newer ones that fail their checks are skipped with a warning)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no model at {str(path)!r}: it does not exist; give a checkpoint step folder "
                                 "(…/checkpoints/step-N), a run folder, or an exported model")
-    if (path / ".metadata").is_file():
-        problem = checkpoint_problem(path)
+    if (path / METADATA).is_file():
+        problem = checkpoint_problem(path, verify=True)
         if problem is not None:
             raise ValueError(f"{path} is not a complete checkpoint: {problem}")
         return path
     for folder in (path, path / "checkpoints"):
         for _, step_folder in step_folders(folder):  # newest first
-            if checkpoint_problem(step_folder) is None:
+            problem = checkpoint_problem(step_folder, verify=True)
+            if problem is None:
                 return step_folder
+            logger.warning("skipping %s: %s", step_folder, problem)
     raise FileNotFoundError(
-        f"{str(path)!r} holds no complete checkpoint or exported model: expected a DCP step folder (with .metadata), a folder holding complete "
-        f"step-N folders (a run's checkpoints/ or its dump folder), an exported folder with {WEIGHTS_FILE}, "
-        "or an exported torch file"
+        f"{str(path)!r} holds no complete checkpoint or exported model: expected a DCP step folder (with {METADATA}), "
+        "a folder holding complete step-N folders (a run's checkpoints/ or its dump folder), an exported folder "
+        f"with {WEIGHTS_FILE}, or an exported torch file"
     )
 
 
-def checkpoint_tokenizer(folder: Path, config: Config, tokenizer_path: Optional[str | os.PathLike]) -> Path:
+def checkpoint_tokenizer(folder: Path, config: Config, tokenizer_path: str | os.PathLike | None) -> Path:
     """The tokenizer of a checkpoint: the given path; else a tokenizer.json in the step folder
     (converted checkpoints carry one); else the run's model.tokenizer_path as written (relative
     to the working directory) or relative to a folder above the checkpoint (the run's working
@@ -207,7 +229,7 @@ def checkpoint_tokenizer(folder: Path, config: Config, tokenizer_path: Optional[
         return Path(tokenizer_path)
     written = Path(config.model.tokenizer_path)
     above = folder.resolve().parents
-    candidates = [folder / TOKENIZER_FILE, written]
+    candidates = [folder / RUN_TOKENIZER, written]
     if not written.is_absolute():
         candidates += [p / written for p in above]
     candidates += [p / RUN_TOKENIZER for p in above]
@@ -242,7 +264,7 @@ def write_exported_folder(files: ModelFiles, folder: str | os.PathLike) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     save_file(files.state_dict, folder / WEIGHTS_FILE, metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(files.config(), indent=2) + "\n")
-    (folder / TOKENIZER_FILE).write_text(files.tokenizer_json)
+    (folder / RUN_TOKENIZER).write_text(files.tokenizer_json)
     return folder
 
 
@@ -265,40 +287,50 @@ def write_checkpoint(files: ModelFiles, folder: str | os.PathLike) -> Path:
     folder = _new_output(folder, is_dir=True)
     folder.mkdir(parents=True, exist_ok=True)
     dcp.save({MODEL: dict(files.state_dict)}, checkpoint_id=str(folder), no_dist=True)
-    tokenizer_file = folder / TOKENIZER_FILE
+    tokenizer_file = folder / RUN_TOKENIZER
     tokenizer_file.write_text(files.tokenizer_json)
     config = model_config(files.args, files.source)
     config.model.tokenizer_path = str(tokenizer_file.resolve())
-    (folder / RUN_CONFIG_FILE).write_text(config.to_toml())
-    sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir())}
-    marker = {"step": 0, "world_size": 1, "files": sizes, "saved_at": time.time()}
-    (folder / MARKER).write_text(json.dumps(marker, indent=1))
+    (folder / RUN_CONFIG).write_text(config.to_toml())
+    write_marker(folder, step=0, world_size=1)
     return folder
 
 
 # ---- loading for use ----------------------------------------------------------------------
 
 
-def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, ModelArgs]:
-    """(model in eval mode, tokenizer, model args) of an exported folder or torch file."""
-    files = read_exported(path)
-    return files.build_model(device), files.tokenizer(), files.args
+@dataclass
+class LoadedModel:
+    """A trained model ready for use on one device (no process group)."""
+
+    model: Transformer
+    """Plain module in eval mode, with the saved weights, on the requested device (`model.args`)."""
+    tokenizer: Tokenizer
+    config: Config
+    """The run's resolved config (seq_len, data, LRT settings, ...); for an exported model,
+    the defaults with its model arguments."""
+    step: int | None
+    """Training step of the checkpoint, when known."""
+    path: Path
+    """What was loaded (the step folder for a DCP checkpoint)."""
 
 
-def load_pretrained(
-    path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer_path: Optional[str | os.PathLike] = None
-) -> tuple[Transformer, Tokenizer, ModelArgs]:
-    """Like `load_exported`, for any form `read_model_files` reads (DCP checkpoints included)."""
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer_path: str | os.PathLike | None = None
+) -> LoadedModel:
+    """Any form `read_model_files` reads, as a model in eval mode with its tokenizer and config
+    (what evaluation and generation use)."""
     files = read_model_files(path, tokenizer_path)
-    return files.build_model(device), files.tokenizer(), files.args
+    return LoadedModel(
+        files.build_model(device), files.tokenizer(), files.training_config(), files.step, Path(files.source)
+    )
 
 
 # ---- internals ----------------------------------------------------------------------------
 
 
-def _read_dcp_model(folder: Path) -> dict[str, Tensor]:
+def _read_dcp_model(folder: Path, metadata: Any) -> dict[str, Tensor]:
     """The `model.*` tensors of a DCP checkpoint, in their saved dtypes (the rest is not read)."""
-    metadata = dcp.FileSystemReader(str(folder)).read_metadata()
     prefix = MODEL + "."
     state = {
         key[len(prefix):]: torch.empty(md.size, dtype=md.properties.dtype)
@@ -308,33 +340,12 @@ def _read_dcp_model(folder: Path) -> dict[str, Tensor]:
     if not state:
         names = sorted({key.split(".")[0] for key in metadata.state_dict_metadata})
         raise ValueError(f"checkpoint {folder} holds no model weights ({MODEL}.*); it holds: {', '.join(names)}")
-    dcp.load({MODEL: state}, checkpoint_id=str(folder), no_dist=True)
+    load_dcp({MODEL: state}, folder, no_dist=True)
     return state
 
 
-def _check_weights(expected: dict[str, Tensor], state_dict: dict[str, Tensor], source: str) -> None:
-    """Fail with the first key or shape that does not fit the model built from the arguments."""
-    for key, tensor in expected.items():
-        if key not in state_dict:
-            raise ValueError(f"{source}: weight {key!r} of shape {tuple(tensor.shape)} is missing")
-        if tuple(state_dict[key].shape) != tuple(tensor.shape):
-            raise ValueError(f"{source}: weight {key!r} has shape {tuple(state_dict[key].shape)}, "
-                             f"the model arguments give {tuple(tensor.shape)} (wrong tokenizer or config?)")
-    extra = sorted(set(state_dict) - set(expected))
-    if extra:
-        raise ValueError(f"{source}: weight {extra[0]!r} ({len(extra)} such in all) is not in the model")
-
-
-def _check_saved_keys(folder: Path, expected: dict[str, Tensor]) -> None:
-    """The same check on the DCP metadata alone, before any tensor data is read."""
-    metadata = dcp.FileSystemReader(str(folder)).read_metadata()
-    prefix = MODEL + "."
-    saved = {
-        key[len(prefix):]: torch.empty(md.size, device="meta")
-        for key, md in metadata.state_dict_metadata.items()
-        if key.startswith(prefix) and isinstance(md, TensorStorageMetadata)
-    }
-    _check_weights(expected, saved, f"checkpoint {folder} (against its {RUN_CONFIG_FILE})")
+def _shapes(state_dict: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(tensor.shape) for key, tensor in state_dict.items()}
 
 
 def model_config(args: ModelArgs, source: str) -> Config:

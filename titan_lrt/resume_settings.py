@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from titan_lrt.checkpoint import read_marker
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -70,9 +72,9 @@ def describe_diff(diff: dict[str, tuple[Any, Any]]) -> list[str]:
     return [f"  {key}: {_show(old)} -> {_show(new)}" for key, (old, new) in diff.items()]
 
 
-def saved_world_size(step_folder: Path, marker: str) -> int | None:
+def saved_world_size(step_folder: Path) -> int | None:
     try:
-        return int(json.loads((step_folder / marker).read_text())["world_size"])
+        return int(read_marker(step_folder)["world_size"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -265,7 +265,7 @@ class Trainer:
         return next((path for _, path in folders if ckpt.checkpoint_problem(path) is None), None)
 
     def _check_settings_against(self, source: Path) -> None:
-        saved_config = source / self.checkpointer.run_config_name
+        saved_config = source / ckpt.RUN_CONFIG
         if not saved_config.is_file():
             logger.warning(f"{source} holds no {saved_config.name}: settings changed since are not checked")
             return
@@ -278,7 +278,7 @@ class Trainer:
             logger.info(f"resume: settings changed since {source.name} was saved (checkpoint -> now), applied:")
             for line in describe_diff(diff):
                 logger.info(line)
-        saved_world = saved_world_size(source, ckpt.MARKER)
+        saved_world = saved_world_size(source)
         kept = kept_global_batch(saved, saved_world, current, self.global_batch) if saved_world else None
         if kept:
             self._keep_global_batch(kept, saved_world)

@@ -38,60 +38,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Iterator, Optional, Sequence, TextIO
+from collections.abc import Sequence
+from typing import TextIO
 
 import torch
-from torch import Tensor
 
 from titan_lrt.data.tokenizer import Tokenizer
-from titan_lrt.export import load_pretrained
-from titan_lrt.model.decoding import PREFILL_MODES, decode_step, prefill, sample
+from titan_lrt.export import load_model
+from titan_lrt.model.decoding import PREFILL_MODES, generate, seeded_generator
 from titan_lrt.model.transformer import Transformer
-
-
-def sample_top_p(
-    logits: Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float], generator: Optional[torch.Generator]
-) -> Tensor:
-    """`decoding.sample`, plus nucleus filtering: keep the most likely tokens until their
-    probability reaches top_p (the first token always stays)."""
-    if temperature <= 0 or top_p is None or top_p >= 1:
-        return sample(logits, temperature, top_k, generator)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    sorted_probs, order = torch.sort(torch.softmax(logits, dim=-1), dim=-1, descending=True)
-    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
-    drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before >= top_p)
-    probs = torch.softmax(logits.masked_fill(drop, float("-inf")), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-@torch.no_grad()
-def generate_stream(
-    model: Transformer,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    *,
-    temperature: float,
-    top_k: Optional[int],
-    top_p: Optional[float],
-    prefill_mode: str,
-    stop_tokens: Sequence[int],
-    generator: Optional[torch.Generator],
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yields (new token of every sequence (B,), which sequences had stopped before it)."""
-    device = model.rope_cos.device
-    state, logits = prefill(model, prompts, prefill_mode, max(len(p) for p in prompts) + max_new_tokens)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
-    for step in range(max_new_tokens):
-        token = sample_top_p(logits, temperature, top_k, top_p, generator)
-        yield token, done.clone()
-        done = done | torch.isin(token, stops)
-        if bool(done.all()) or step == max_new_tokens - 1:
-            return
-        logits = decode_step(model, state, token, active=~done)
 
 
 class TextStream:
@@ -179,8 +134,8 @@ def run_batch(
     for b, text in enumerate(texts):
         writer.write(b, text)
     stops = [tokenizer.bos_id, *args.stop_id]
-    steps = generate_stream(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, prefill_mode=args.prefill, stop_tokens=stops, generator=generator)
+    steps = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                     top_p=args.top_p, prefill_mode=args.prefill, stop_tokens=stops, generator=generator)
     generated = 0
     for tokens, done in steps:
         for b, (token, was_done) in enumerate(zip(tokens.tolist(), done.tolist())):
@@ -230,11 +185,10 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
             parser.error(f"{name}={value}: must be {allowed}")
 
     try:
-        model, tokenizer, model_args = load_pretrained(args.model, args.device, args.tokenizer)
+        loaded = load_model(args.model, args.device, args.tokenizer)
+        model, tokenizer, model_args = loaded.model, loaded.tokenizer, loaded.model.args
         texts = [t for t in read_prompts(args) for _ in range(args.num_samples)]
-        generator = None
-        if args.seed is not None:
-            generator = torch.Generator(device=args.device).manual_seed(args.seed)
+        generator = seeded_generator(args.seed, args.device)  # one stream over all batches
         start, generated = time.perf_counter(), 0
         for first in range(0, len(texts), args.batch_size):
             batch = texts[first: first + args.batch_size]

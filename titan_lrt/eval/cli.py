@@ -23,9 +23,9 @@ from titan_lrt.eval.core import evaluate_core
 from titan_lrt.eval.core_bundle import load_bundle
 from titan_lrt.eval.icl import evaluate_icl
 from titan_lrt.eval.icl_tasks import TASKS, TaskAlphabet
-from titan_lrt.eval.loading import LoadedModel, load_model
 from titan_lrt.eval.logits import LOGIT_MODES, model_predictor
 from titan_lrt.eval.report import format_report
+from titan_lrt.export import LoadedModel, load_model
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -126,16 +126,34 @@ def recurrent_token_losses(model: Transformer, tokens: Tensor, targets: Tensor) 
     return torch.stack(losses, dim=1)
 
 
-def sample(logits: Tensor, temperature: float, top_k: Optional[int], generator: Optional[torch.Generator]) -> Tensor:
-    """Greedy at temperature 0, else softmax sampling from the top-k logits."""
+def sample(
+    logits: Tensor,
+    temperature: float,
+    top_k: Optional[int],
+    generator: Optional[torch.Generator],
+    top_p: Optional[float] = None,
+) -> Tensor:
+    """Greedy at temperature 0, else softmax sampling at that temperature from the top-k logits,
+    then from the smallest set of most likely tokens whose probability reaches top_p (the most
+    likely token always stays)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_probs, order = torch.sort(torch.softmax(logits, dim=-1), dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before >= top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def seeded_generator(seed: Optional[int], device: str | torch.device) -> Optional[torch.Generator]:
+    """A random generator on `device` seeded with `seed`, or None (the global RNG) without a seed."""
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
 @torch.no_grad()
@@ -148,24 +166,27 @@ def generate(
     prefill_mode: str = "exact",
     stop_tokens: Sequence[int] = (),
     seed: Optional[int] = None,
+    *,
+    top_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Stream generation for a batch of prompts with true recurrence.
 
     Yields (tokens, done) per step: the new token of every sequence (B,) and
     which sequences had already stopped before it (their token is meaningless).
     A sequence stops after emitting a stop token; the loop ends when all have.
+    Sampling draws from `generator` when given (one stream over several calls), else from a
+    generator seeded with `seed`, else from the global RNG.
     """
     device = model.rope_cos.device
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
+    if generator is None:
+        generator = seeded_generator(seed, device)
     max_len = max(len(p) for p in prompts) + max_new_tokens
     state, logits = prefill(model, prompts, prefill_mode, max_len)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     for step in range(max_new_tokens):
-        token = sample(logits, temperature, top_k, generator)
+        token = sample(logits, temperature, top_k, generator, top_p)
         yield token, done.clone()
         done = done | torch.isin(token, stops)
         if bool(done.all()) or step == max_new_tokens - 1:
