@@ -367,15 +367,15 @@ def test_no_code_runs_from_a_crafted_value_in_the_data_file(tmp_path):
     """DCP's own loader torch.loads non-tensor values with weights_only=False; ours refuses globals."""
     run = make_run(0)
     CheckpointManager(tmp_path, {"model": ModelWrapper(run.model), "extra": _Holder(_Payload(tmp_path / "pwned"))},
-                      interval=1).save(1)
+                      **SETTINGS).save(1)
     assert not (tmp_path / "pwned").exists()
-    fresh = CheckpointManager(tmp_path, {"model": ModelWrapper(make_run(1).model), "extra": _Holder(0)}, interval=1)
+    fresh = CheckpointManager(tmp_path, {"model": ModelWrapper(make_run(1).model), "extra": _Holder(0)}, **SETTINGS)
     with pytest.raises(ValueError, match=r"could not be read: UnpicklingError: .*Unsupported global: GLOBAL io.open"):
         fresh.load()
     assert not (tmp_path / "pwned").exists()
-    CheckpointManager(tmp_path / "plain", {"model": ModelWrapper(run.model), "extra": _Holder([3, 0.5])}).save(500)
+    CheckpointManager(tmp_path / "plain", {"model": ModelWrapper(run.model), "extra": _Holder([3, 0.5])}, **SETTINGS).save(500)
     holder = _Holder(None)
-    assert CheckpointManager(tmp_path / "plain", {"model": ModelWrapper(run.model), "extra": holder}).load() == 500
+    assert CheckpointManager(tmp_path / "plain", {"model": ModelWrapper(run.model), "extra": holder}, **SETTINGS).load() == 500
     assert holder.value == [3, 0.5]  # plain values still load
 
 
@@ -387,10 +387,10 @@ def test_a_checkpoint_with_pickled_per_rank_states_resumes_nothing_but_gives_its
     dcp.save(state, checkpoint_id=str(folder), no_dist=True)
     write_marker(folder, step=3, world_size=1)
     with pytest.raises(ValueError, match=r"holds 'train_state.rank0' as a pickle .* never unpickled"):
-        CheckpointManager(tmp_path / "old", {"model": ModelWrapper(make_run(1).model), "train_state": TrainState()}).load()
+        CheckpointManager(tmp_path / "old", {"model": ModelWrapper(make_run(1).model), "train_state": TrainState()}, **SETTINGS).load()
     fresh = make_run(1)
     assert CheckpointManager(tmp_path / "new", {"model": ModelWrapper(fresh.model), "train_state": TrainState()},
-                             initial_load_path=folder).load() == 0
+                             **{**SETTINGS, "initial_load_path": folder}).load() == 0
     assert_equal(snapshot(fresh)["model"], snapshot(run)["model"])
 
 
