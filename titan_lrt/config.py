@@ -221,8 +221,14 @@ class LRScheduler:
 @dataclass
 class Data:
     dataset: str = "stdlib"
-    """"stdlib" (the embedded offline corpus, built on first use), a local folder or
-    file of parquet/jsonl/json/txt, or a Hugging Face hub name (needs streaming = true)."""
+    """"stdlib" (the embedded offline corpus, built on first use), a folder prepared by
+    tools/prepare_data.py (read pre-tokenized), a local folder or file of
+    parquet/jsonl/json/txt, or a Hugging Face hub name (needs streaming = true)."""
+
+    mixture: dict[str, float] = field(default_factory=dict)
+    """Several sources (prepared or raw folders) and their weights, e.g.
+    { "data/web" = 0.7, "data/code" = 0.3 }: documents are drawn in these proportions
+    (deterministic from the seed). Overrides dataset when not empty."""
 
     corpus_path: str = "assets/stdlib_corpus"
     """Where the embedded corpus is built and read (dataset = "stdlib")."""
@@ -467,6 +473,9 @@ def validate(config: Config) -> None:
             )
     if config.data.num_workers not in (0, 1):
         raise ConfigError(f"data.num_workers={config.data.num_workers}: allowed 0 or 1")
+    for name, weight in config.data.mixture.items():
+        if not weight > 0 or weight == float("inf"):
+            raise ConfigError(f"data.mixture weight of {name!r} is {weight!r}; every weight must be a number > 0")
     if config.data.num_streams < 1:
         raise ConfigError(f"data.num_streams={config.data.num_streams} must be >= 1")
     s = config.lr_scheduler
@@ -540,6 +549,16 @@ def _coerce(name: str, value: Any, ftype, choices, source: str, from_text: bool)
         return ConfigError(f"{source}: {name}={value!r} is not {expected}")
 
     origin = typing.get_origin(ftype)
+    if origin is dict:  # a TOML table, or JSON on the command line
+        _, value_type = typing.get_args(ftype)
+        if from_text:
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise bad('a table such as {"data/web": 0.7, "data/code": 0.3}') from None
+        if not isinstance(value, dict):
+            raise bad("a table of name = value")
+        return {str(k): _coerce(f"{name}.{k}", v, value_type, None, source, False) for k, v in value.items()}
     if origin is list:
         (item_type,) = typing.get_args(ftype)
         if from_text:
@@ -605,5 +624,7 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")
 
