@@ -339,3 +339,20 @@ def test_missing_prepared_data_stops_with_the_prepare_command(tmp_path, capsys):
     assert len(out) == 1 and "error: data" in out[0]
     assert "does not exist; prepare it with: python tools/prepare_data.py HuggingFaceFW/fineweb-edu" in out[0]
     assert out[0].endswith(f"--vocab-size 8192 --out {missing}")
+
+
+def test_mixture_config_from_toml_and_command_line_round_trips_and_rejects_bad_weights(tmp_path):
+    from titan_lrt.config import ConfigError, load_config
+
+    toml = tmp_path / "mix.toml"
+    toml.write_text('[data]\nmixture = { "data/web" = 0.7, "data/code" = 0.3 }\n')
+    config, _ = load_config(["--config", str(toml)])
+    assert config.data.mixture == {"data/web": 0.7, "data/code": 0.3}
+    again = tmp_path / "again.toml"
+    again.write_text(config.to_toml())
+    assert load_config(["--config", str(again)])[0].data.mixture == config.data.mixture
+    assert load_config(['--data.mixture={"a": 1, "b": 2.5}'])[0].data.mixture == {"a": 1.0, "b": 2.5}
+    for bad, message in (('{"a": 0}', "every weight must be a number > 0"), ('{"a": -1}', "> 0"),
+                         ('{"a": "x"}', "is not a number"), ("[1]", "is not a table")):
+        with pytest.raises(ConfigError, match=message):
+            load_config([f"--data.mixture={bad}"])
