@@ -15,6 +15,8 @@ change across a resume:
      "streams": {"0": {"epoch", "doc", "offset", "rows", "tokens_read",
                        "tokens_dropped", "source"}, "2": {...}, ...}}
 
+A mixture adds "mixture": {source: weight} to the settings, and keeps each
+source's position inside its streams' states (see `mixture.py`).
 `merge_loader_states` unions the dicts of all ranks; `load_state_dict` takes
 that union (any world size dividing N) and keeps the streams the rank owns.
 The global position is the total number of rows of all streams, so the dicts
@@ -37,8 +39,6 @@ from titan_lrt.data.packing import PACKING_MODES, row_packer
 from titan_lrt.data.prepared import PreparedSplit, open_source
 from titan_lrt.data.sources import Documents
 from titan_lrt.data.streams import RawSource, StreamState, TextEncoder
-
-_SETTINGS = ("num_streams", "seq_len", "packing", "seed")
 
 
 class PackedRowsDataset(IterableDataset):
