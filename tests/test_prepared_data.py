@@ -356,3 +356,34 @@ def test_mixture_config_from_toml_and_command_line_round_trips_and_rejects_bad_w
                          ('{"a": "x"}', "is not a number"), ("[1]", "is not a table")):
         with pytest.raises(ConfigError, match=message):
             load_config([f"--data.mixture={bad}"])
+
+
+def test_kill_minus_nine_during_prepare_then_rerun_gives_the_uninterrupted_folder(prepared, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    source = write_jsonl(tmp_path / "src" / "docs.jsonl", texts(3000, seed=5)).parent
+    args = [str(source), "--tokenizer", str(prepared / "tokenizer.json"), "--shard-tokens", "500",
+            "--validation-fraction", "0.05"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, str(ROOT / "tools" / "prepare_data.py"), *args]
+    assert prep.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "killed"
+    process = subprocess.Popen([*command, "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_shard = shard_files(out, "train", 0)[2]
+    while not first_shard.exists() and process.poll() is None:
+        time.sleep(0.002)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "meta.json").exists(), "prepare finished before the kill; make the source larger"
+    with pytest.raises(FileNotFoundError, match="unfinished prepare"):
+        PreparedSplit(out)
+    done = subprocess.run([*command, "--out", str(out)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    whole = tmp_path / "whole"
+    files = sorted(p.relative_to(whole) for p in whole.rglob("*") if p.is_file() and p.name != "prepare.json")
+    assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and p.name != "prepare.json")
+    assert all((out / f).read_bytes() == (whole / f).read_bytes() for f in files)
