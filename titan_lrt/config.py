@@ -473,9 +473,13 @@ def validate(config: Config) -> None:
             )
     if config.data.num_workers not in (0, 1):
         raise ConfigError(f"data.num_workers={config.data.num_workers}: allowed 0 or 1")
-    for name, weight in config.data.mixture.items():
-        if not weight > 0 or weight == float("inf"):
-            raise ConfigError(f"data.mixture weight of {name!r} is {weight!r}; every weight must be a number > 0")
+    if config.data.mixture:
+        from titan_lrt.data.mixture import check_weights  # the data package's own rule; imported only when used
+
+        try:
+            check_weights(config.data.mixture)
+        except ValueError as e:
+            raise ConfigError(f"data.{e}") from None
     if config.data.num_streams < 1:
         raise ConfigError(f"data.num_streams={config.data.num_streams} must be >= 1")
     s = config.lr_scheduler

@@ -29,12 +29,7 @@ from titan_lrt.data.loader import build_dataloader, merge_loader_states
 from titan_lrt.data.prepared import require_data_source
 from titan_lrt.data.tokenizer import Tokenizer, ensure_tokenizer
 from titan_lrt.eval.bpb import evaluate_bpb
-from titan_lrt.metrics import (
-    MetricsLogger,
-    device_peak_flops,
-    format_step_line,
-    memory_stats,
-)
+from titan_lrt.metrics import MetricsLogger, device_peak_flops, format_step_line, memory_stats
 from titan_lrt.model.accounting import count_parameters, step_flops
 from titan_lrt.model.schedule import StepResult, run_schedule
 from titan_lrt.model.transformer import IGNORE_INDEX, Transformer
