@@ -387,3 +387,26 @@ def test_kill_minus_nine_during_prepare_then_rerun_gives_the_uninterrupted_folde
     files = sorted(p.relative_to(whole) for p in whole.rglob("*") if p.is_file() and p.name != "prepare.json")
     assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and p.name != "prepare.json")
     assert all((out / f).read_bytes() == (whole / f).read_bytes() for f in files)
+
+
+def test_prepare_killed_after_the_train_budget_still_finishes_validation(jsonl_source, prepared, tmp_path, monkeypatch):
+    args = {"tokenizer": prepared / "tokenizer.json", "max_tokens": 3000, "shard_tokens": 1000,
+            "validation_fraction": 0.05, "show_progress": False}
+    whole = prep.prepare(str(jsonl_source[0]), tmp_path / "whole", **args)
+    real_write = prep.write_shard
+
+    def dies_at_the_final_validation_shard(folder, split, index, *rest):
+        if split == "validation":
+            raise KeyboardInterrupt
+        return real_write(folder, split, index, *rest)
+
+    monkeypatch.setattr(prep, "write_shard", dies_at_the_final_validation_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare(str(jsonl_source[0]), tmp_path / "cut", **args)
+    monkeypatch.setattr(prep, "write_shard", real_write)
+    assert prep.prepare(str(jsonl_source[0]), tmp_path / "cut", **args)["splits"] == whole["splits"]
+    for split in ("train", "validation"):
+        a, b = PreparedSplit(tmp_path / "whole", split), PreparedSplit(tmp_path / "cut", split)
+        assert [a.document(i).tolist() for i in range(a.num_documents)] == [
+            b.document(i).tolist() for i in range(b.num_documents)
+        ]

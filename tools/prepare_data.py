@@ -187,9 +187,10 @@ def _tokenize_into(documents: Documents, tok: Tokenizer, split_of, writers: dict
     """Encode the documents of one source into the writers their split names, from where the
     unfinished writers stopped, until the first writer is done or the source ends."""
     main = next(iter(writers))
-    if writers[main].done:
+    unfinished = [w.source_end for w in writers.values() if not w.done]
+    if not unfinished:
         return
-    start = min(w.source_end for w in writers.values() if not w.done)
+    start = min(unfinished)
     batch: list[tuple[int, str]] = []
     for item in _texts(documents, start):
         batch.append(item)
@@ -207,13 +208,15 @@ def _write_batch(batch, tok, split_of, writers, main, bar) -> bool:
     todo = [(item, s) for item, s in zip(batch, splits) if not writers[s].done and item[0] >= writers[s].source_end]
     encoded = tok.encode_batch([text for (_, text), _ in todo]) if todo else []
     for ((index, text), split), ids in zip(todo, encoded):
+        if writers[main].done and index >= writers[main].source_end:
+            return True  # a rerun after the main split finished: the others only catch up to its end
         writer = writers[split]
         if writer.done:
             continue
         before = writer.tokens
         writer.add(np.array([tok.bos_id, *ids], dtype=np.int64), len(text.encode("utf-8")), index + 1)
         bar.update(writer.tokens - before)
-        if writers[main].done:
+        if split == main and writers[main].done:
             return True
     return False
 
