@@ -27,6 +27,7 @@ from typing import Any
 from titan_lrt.allowed import allowed_text, message, setting, suggest
 from titan_lrt.checkpoint import ASYNC_MODES
 from titan_lrt.data.loader import NUM_WORKERS
+from titan_lrt.data.mixture import check_weights
 from titan_lrt.data.packing import PACKING_MODES
 from titan_lrt.guards import SPIKE_ACTIONS
 from titan_lrt.model.args import FLAVORS, LRTArgs, ModelArgs
@@ -252,8 +253,14 @@ class LRScheduler:
 @dataclass
 class Data:
     dataset: str = "stdlib"
-    """"stdlib" (the embedded offline corpus, built on first use), a local folder or
-    file of parquet/jsonl/json/txt, or a Hugging Face hub name (needs streaming = true)."""
+    """"stdlib" (the embedded offline corpus, built on first use), a folder prepared by
+    tools/prepare_data.py (read pre-tokenized), a local folder or file of
+    parquet/jsonl/json/txt, or a Hugging Face hub name (needs streaming = true)."""
+
+    mixture: dict[str, float] = field(default_factory=dict)
+    """Several sources (prepared or raw folders) and their weights, e.g.
+    { "data/web" = 0.7, "data/code" = 0.3 }: documents are drawn in these proportions
+    (deterministic from the seed). Overrides dataset when not empty."""
 
     corpus_path: str = "assets/stdlib_corpus"
     """Where the embedded corpus is built and read (dataset = "stdlib")."""
@@ -486,6 +493,11 @@ def validate(config: Config) -> None:
             selective_every(config.activation_checkpoint.selective_ac_option)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if config.data.mixture:
+        try:
+            check_weights(config.data.mixture)
+        except ValueError as e:
+            raise ConfigError(f"data.{e}") from None
     try:  # the model's own checks (sizes, LRT options), with a placeholder vocabulary
         config.model_args(vocab_size=max(config.model.vocab_size, 1), bos_token_id=0)
     except ValueError as e:
@@ -563,6 +575,16 @@ def _coerce(name: str, value: Any, ftype, source: str, from_text: bool):
         return ConfigError(f"{source}: {name}={value!r} is not {expected}")
 
     origin = typing.get_origin(ftype)
+    if origin is dict:  # a TOML table, or JSON on the command line
+        _, value_type = typing.get_args(ftype)
+        if from_text:
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise bad('a table such as {"data/web": 0.7, "data/code": 0.3}') from None
+        if not isinstance(value, dict):
+            raise bad("a table of name = value")
+        return {str(k): _coerce(f"{name}.{k}", v, value_type, None, source, False) for k, v in value.items()}
     if origin is list:
         (item_type,) = typing.get_args(ftype)
         if from_text:
@@ -621,5 +643,7 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")
 

@@ -24,6 +24,7 @@ from titan_lrt.config import Config, ConfigError, load_config
 from titan_lrt.cpu_allocator import keep_freed_memory
 from titan_lrt.data.corpus import ensure_stdlib_corpus
 from titan_lrt.data.loader import build_dataloader, merge_loader_states
+from titan_lrt.data.prepared import require_data_source
 from titan_lrt.data.tokenizer import Tokenizer, ensure_tokenizer
 from titan_lrt.eval.bpb import evaluate_bpb
 from titan_lrt.guards import (
@@ -152,6 +153,9 @@ class Trainer:
     def _prepare_tokenizer(self) -> Tokenizer:
         m, d = self.config.model, self.config.data
         path = Path(m.tokenizer_path)
+        if not d.streaming:  # local data: a missing or unfinished folder stops here, naming the command
+            for source in d.mixture or ([d.dataset] if d.dataset != "stdlib" else []):
+                require_data_source(source, m.vocab_size)
         if d.dataset == "stdlib":
             self._on_main_first(lambda: ensure_stdlib_corpus(d.corpus_path, show_progress=self.dist.is_main))
             if not path.exists():
@@ -188,14 +192,16 @@ class Trainer:
         model.init_buffers(self.device)
         return model, mesh
 
-    def _data_source(self) -> str:
+    def _data_source(self) -> str | dict[str, float]:
         d = self.config.data
+        if d.mixture:
+            return d.mixture
         return d.corpus_path if d.dataset == "stdlib" else d.dataset
 
-    def _loader(self, split: str, eval_mode: bool = False):
+    def _loader(self, split: str, eval_mode: bool = False, source: str | dict[str, float] | None = None):
         d, t = self.config.data, self.config.training
         return build_dataloader(
-            self.data_source,
+            self.data_source if source is None else source,
             tokenizer=self.tokenizer,
             seq_len=t.seq_len,
             local_batch_size=t.local_batch_size,
@@ -515,11 +521,28 @@ class Trainer:
         scalars["optim/grad_norm"] = float(stats.grad_norm)
         scalars["data/waste_fraction"] = self.train_loader.stats()["waste_fraction"]
         scalars.update(memory_stats(self.device))
-        self.metrics.log(step, scalars, format_step_line(step, scalars) if self.dist.is_main else None)
+        scalars.update(self._tokens_by_source())
+        line = format_step_line(step, scalars) + _tokens_by_source_text(scalars)
+        self.metrics.log(step, scalars, line if self.dist.is_main else None)
+
+    def _tokens_by_source(self) -> dict[str, float]:
+        """Mixtures: tokens read from each source over all ranks (data/tokens/<source>)."""
+        by_source = self.train_loader.stats().get("tokens_read_by_source")
+        if not by_source:
+            return {}
+        totals = all_reduce_sum(torch.tensor(list(by_source.values()), dtype=torch.float64)).tolist()
+        return {f"data/tokens/{name}": total for name, total in zip(by_source, totals)}
 
     def evaluate(self) -> dict[str, float]:
+        """Validation bits per byte; a mixture is scored as a whole and per source (val/<source>/...)."""
+        scalars = self._evaluate_source(None, "val")
+        for source in self.config.data.mixture:
+            scalars.update(self._evaluate_source(source, f"val/{source}"))
+        return scalars
+
+    def _evaluate_source(self, source: str | None, prefix: str) -> dict[str, float]:
         e = self.config.eval
-        loader = self._loader(split=e.split, eval_mode=True)
+        loader = self._loader(split=e.split, eval_mode=True, source=source)
         batches = (tuple(x.to(self.device) for x in b) for _, b in zip(range(e.steps), loader))
         self.model.eval()
         try:
@@ -527,10 +550,18 @@ class Trainer:
         finally:
             self.model.train()
         result.all_reduce()
-        scalars = result.scalars()
-        line = "eval   " + " | ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in scalars.items())
+        scalars = {prefix + k.removeprefix("val"): v for k, v in result.scalars().items()}
+        label = "eval   " if source is None else f"eval {source}: "
+        line = label + " | ".join(f"{k.rsplit('/', 1)[1]} {v:.4f}" for k, v in scalars.items())
         self.metrics.log(self.state.step, scalars, line if self.dist.is_main else None)
         return scalars
+
+
+def _tokens_by_source_text(scalars: dict[str, float]) -> str:
+    """Console suffix: the share of tokens each mixture source has given so far."""
+    by_source = {k.removeprefix("data/tokens/"): v for k, v in scalars.items() if k.startswith("data/tokens/")}
+    total = sum(by_source.values()) or 1.0
+    return "".join(f" | {name} {v / total:.1%}" for name, v in by_source.items())
 
 
 

@@ -1,10 +1,13 @@
 """Measure tokenizer and data loader throughput on this machine.
 
     python tools/bench_data.py --data assets/stdlib_corpus --tokenizer assets/tokenizer/tokenizer.json
+    python tools/bench_data.py --data data/fineweb_edu_32k --tokenizer data/fineweb_edu_32k/tokenizer.json
 
-Prints tokens/s of `Tokenizer.encode_batch` over the whole split, then of the
-loader (tokenize + pack + batch) for each packing mode with 0 and 1 workers,
-with the fraction of tokens that packing dropped.
+Prints tokens/s of `Tokenizer.encode_batch` over the whole split (raw sources),
+then of the loader of one rank (tokenize or read shards, pack, batch) for each
+packing mode with 0 and 1 workers, with the fraction of tokens packing dropped.
+A folder made by tools/prepare_data.py is read pre-tokenized; `--raw SOURCE`
+adds the same source tokenized on the fly, to compare both paths.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 
 from titan_lrt.data.loader import build_dataloader
 from titan_lrt.data.packing import PACKING_MODES
+from titan_lrt.data.prepared import is_prepared
 from titan_lrt.data.sources import iter_texts, load_documents
 from titan_lrt.data.tokenizer import Tokenizer
 
@@ -27,10 +31,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
     parser.add_argument("--batches", type=int, default=200, help="loader batches timed (default: %(default)s)")
     parser.add_argument("--num-streams", type=int, default=64, help="default: %(default)s")
+    parser.add_argument("--raw", default=None, help="also time this raw source (tokenized on the fly)")
     args = parser.parse_args(argv)
 
     tokenizer = Tokenizer.from_file(args.tokenizer)
-    texts = list(iter_texts(load_documents(args.data, split=args.split)))
+    for data in (args.data, args.raw) if args.raw else (args.data,):
+        if not is_prepared(data):
+            time_encoding(data, args.split, tokenizer)
+        time_loaders(data, tokenizer, args)
+
+
+def time_encoding(data: str, split: str, tokenizer: Tokenizer) -> None:
+    texts = list(iter_texts(load_documents(data, split=split)))
     start = time.perf_counter()
     tokens = sum(len(ids) for i in range(0, len(texts), 64) for ids in tokenizer.encode_batch(texts[i : i + 64]))
     seconds = time.perf_counter() - start
@@ -40,10 +52,13 @@ def main(argv: list[str] | None = None) -> None:
         f"in {seconds:.1f} s: {tokens / seconds:,.0f} tokens/s"
     )
 
+
+def time_loaders(data: str, tokenizer: Tokenizer, args) -> None:
+    kind = "prepared" if is_prepared(data) else "raw"
     for packing in PACKING_MODES:
         for num_workers in (0, 1):
             loader = build_dataloader(
-                args.data,
+                data,
                 split=args.split,
                 tokenizer=tokenizer,
                 seq_len=args.seq_len,
@@ -62,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             seconds = time.perf_counter() - start
             rate = args.batches * args.batch_size * args.seq_len / seconds
             waste = loader.stats()["waste_fraction"]
-            print(f"loader {packing:<11} workers={num_workers}: {rate:,.0f} tokens/s, waste {waste:.2%}")
+            print(f"loader {kind:<8} {packing:<11} workers={num_workers}: {rate:,.0f} tokens/s per rank, waste {waste:.2%}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ change across a resume:
      "streams": {"0": {"epoch", "doc", "offset", "rows", "tokens_read",
                        "tokens_dropped", "source"}, "2": {...}, ...}}
 
+A mixture adds "mixture": {source: weight} to the settings, and keeps each
+source's position inside its streams' states (see `mixture.py`).
 `merge_loader_states` unions the dicts of all ranks; `load_state_dict` takes
 that union (any world size dividing N) and keeps the streams the rank owns.
 The global position is the total number of rows of all streams, so the dicts
@@ -24,7 +26,7 @@ of every rank are needed, taken at the same step.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import datasets
@@ -32,11 +34,12 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from titan_lrt.data.mixture import Mixture
 from titan_lrt.data.packing import row_packer
-from titan_lrt.data.sources import Documents, load_documents
-from titan_lrt.data.streams import StreamState, TextEncoder, TokenStream
+from titan_lrt.data.prepared import PreparedSplit, open_source
+from titan_lrt.data.sources import Documents
+from titan_lrt.data.streams import RawSource, StreamState, TextEncoder
 
-_SETTINGS = ("num_streams", "seq_len", "packing", "seed")
 NUM_WORKERS = (0, 1)
 """Background tokenization workers a loader may use (data.num_workers): each stream is packed
 sequentially, and one worker already tokenizes off the training process."""
@@ -47,7 +50,7 @@ class PackedRowsDataset(IterableDataset):
 
     def __init__(
         self,
-        documents: Documents,
+        documents: Documents | RawSource | PreparedSplit | Mixture,
         tokenizer: TextEncoder,
         *,
         seq_len: int,
@@ -71,17 +74,17 @@ class PackedRowsDataset(IterableDataset):
                 "world size the run may use (e.g. 64)"
             )
         self._pack = row_packer(packing)
-        if not documents.streaming and len(documents.dataset) < num_streams:
-            raise ValueError(
-                f"{documents.name} has {len(documents.dataset)} documents, fewer than "
-                f"num_streams={num_streams}; lower num_streams"
-            )
+        # raw documents tokenized on the fly, or any source that opens streams (prepared, mixture)
+        self.source = RawSource(documents, tokenizer) if isinstance(documents, Documents) else documents
+        self.source.check_streams(num_streams)
         self.documents = documents
         self.tokenizer = tokenizer
         self.local_batch_size = local_batch_size
         self.dp_rank = dp_rank
         self.dp_world_size = dp_world_size
         self.settings = {"num_streams": num_streams, "seq_len": seq_len, "packing": packing, "seed": seed}
+        if isinstance(self.source, Mixture):  # a resume must use the same sources and weights
+            self.settings["mixture"] = self.source.weights
         self.load_state_dict(self._initial_state())
 
     @property
@@ -94,11 +97,11 @@ class PackedRowsDataset(IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         """Take the streams this rank owns from `state` (the merged states of all ranks)."""
-        for key in _SETTINGS:
-            if state.get(key) != self.settings[key]:
+        for key in sorted((set(self.settings) | set(state)) - {"streams"}):
+            if state.get(key) != self.settings.get(key):
                 raise ValueError(
                     f"loader state has {key}={state.get(key)!r} but this loader has "
-                    f"{key}={self.settings[key]!r}; resume with the same {key}"
+                    f"{key}={self.settings.get(key)!r}; resume with the same {key}"
                 )
         num_streams = self.settings["num_streams"]
         streams = {int(s): StreamState.from_dict(v) for s, v in state["streams"].items()}
@@ -126,15 +129,13 @@ class PackedRowsDataset(IterableDataset):
         if info is not None and info.num_workers > 1:
             raise RuntimeError("PackedRowsDataset supports at most one DataLoader worker")
         num_streams, row_len = self.settings["num_streams"], self.settings["seq_len"] + 1
-        streams: dict[int, TokenStream] = {}  # opened on first use: each reads ahead a little
+        streams: dict = {}  # opened on first use: each reads ahead a little
         while True:
             rows = []
             for _ in range(self.local_batch_size):
                 s = self._next_row % num_streams
                 if s not in streams:
-                    streams[s] = TokenStream(
-                        self.documents, self.tokenizer, num_streams, s, self.settings["seed"], self._states[s]
-                    )
+                    streams[s] = self.source.open_stream(num_streams, s, self.settings["seed"], self._states[s])
                 rows.append(self._pack(streams[s], row_len))
                 self._next_row += self.dp_world_size
             batch = torch.stack(rows).long()
@@ -187,7 +188,10 @@ class TokenBatchLoader:
         streams = self.state_dict()["streams"].values()
         read = sum(s["tokens_read"] for s in streams)
         dropped = sum(s["tokens_dropped"] for s in streams)
-        return {"tokens_read": read, "tokens_dropped": dropped, "waste_fraction": dropped / read if read else 0.0}
+        stats = {"tokens_read": read, "tokens_dropped": dropped, "waste_fraction": dropped / read if read else 0.0}
+        if isinstance(self.dataset.source, Mixture):
+            stats["tokens_read_by_source"] = self.dataset.source.tokens_read_by_source(streams)
+        return stats
 
     def _restart(self) -> None:
         self._loader = StatefulDataLoader(
@@ -213,10 +217,10 @@ def merge_loader_states(states: Iterable[dict]) -> dict:
     merged: dict | None = None
     for state in states:
         if merged is None:
-            merged = {**{k: state[k] for k in _SETTINGS}, "streams": {}}
-        for key in _SETTINGS:
-            if state[key] != merged[key]:
-                raise ValueError(f"cannot merge loader states with {key}={merged[key]!r} and {key}={state[key]!r}")
+            merged = {**{k: v for k, v in state.items() if k != "streams"}, "streams": {}}
+        for key in sorted((set(merged) | set(state)) - {"streams"}):
+            if state.get(key) != merged.get(key):
+                raise ValueError(f"cannot merge loader states with {key}={merged.get(key)!r} and {key}={state.get(key)!r}")
         for stream, stream_state in state["streams"].items():
             previous = merged["streams"].setdefault(str(stream), stream_state)
             if previous != stream_state:
@@ -227,7 +231,7 @@ def merge_loader_states(states: Iterable[dict]) -> dict:
 
 
 def build_dataloader(
-    source: str | Path | Sequence[str | Path] | datasets.Dataset | datasets.IterableDataset,
+    source: str | Path | Sequence[str | Path] | Mapping[str, float] | datasets.Dataset | datasets.IterableDataset,
     *,
     tokenizer: TextEncoder,
     seq_len: int,
@@ -247,19 +251,18 @@ def build_dataloader(
 ) -> TokenBatchLoader:
     """A resumable loader of packed token batches for one data-parallel rank.
 
-    `source`: a local file/directory, a hub dataset name (with `streaming=True`)
-    or a loaded dataset (see `sources.py`); `packing` is one of `PACKING_MODES`. The
-    arguments the config sets (data.*, training.seed) have no defaults here: the
-    config's are the only ones.
+    `source`: a prepared folder (`prepared.py`, read pre-tokenized), a local
+    file/directory, a hub dataset name (with `streaming=True`) or a loaded dataset
+    (see `sources.py`), or a mixture {source: weight} of such paths (`mixture.py`);
+    `packing` is one of `PACKING_MODES`. The arguments the config sets (data.*, training.seed)
+    have no defaults here: the config's are the only ones.
     """
-    documents = load_documents(
-        source,
-        split=split,
-        text_column=text_column,
-        streaming=streaming,
-        hub_config=hub_config,
-        txt_sample_by=txt_sample_by,
-    )
+    options = {"split": split, "tokenizer": tokenizer, "text_column": text_column, "streaming": streaming,
+               "hub_config": hub_config, "txt_sample_by": txt_sample_by}
+    if isinstance(source, Mapping):
+        documents = Mixture({name: open_source(name, **options) for name in source}, source)
+    else:
+        documents = open_source(source, **options)
     dataset = PackedRowsDataset(
         documents,
         tokenizer,

@@ -166,3 +166,21 @@ class TokenStream:
         bos = self._tokenizer.bos_id
         for document, ids in zip(chunk, self._tokenizer.encode_batch([d.text for d in chunk])):
             self._buffer.append((document, torch.tensor([bos, *ids], dtype=torch.int32)))
+
+
+class RawSource:
+    """Raw documents tokenized on the fly: what the loader opens streams of (see `prepared.PreparedSplit`
+    for pre-tokenized data, `mixture.Mixture` for several sources)."""
+
+    def __init__(self, documents: Documents, tokenizer: TextEncoder):
+        self.documents, self.tokenizer, self.name = documents, tokenizer, documents.name
+
+    def check_streams(self, num_streams: int) -> None:
+        if not self.documents.streaming and len(self.documents.dataset) < num_streams:
+            raise ValueError(
+                f"{self.name} has {len(self.documents.dataset)} documents, fewer than "
+                f"num_streams={num_streams}; lower num_streams"
+            )
+
+    def open_stream(self, num_streams: int, stream: int, seed: int, state: StreamState) -> TokenStream:
+        return TokenStream(self.documents, self.tokenizer, num_streams, stream, seed, state)

@@ -65,6 +65,10 @@ class Tokenizer:
         """Encode many texts at once (parallel inside `tokenizers`)."""
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
+    def vocabulary(self) -> dict[str, int]:
+        """Token -> id, special tokens included."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
