@@ -60,7 +60,8 @@ def prepared(jsonl_source, tmp_path_factory):
 
 
 def loader(source, tokenizer, **kwargs):
-    args = {"tokenizer": tokenizer, "seq_len": 32, "local_batch_size": 4, "num_streams": 4}
+    args = {"tokenizer": tokenizer, "seq_len": 32, "local_batch_size": 4, "num_streams": 4, "split": "train",
+            "text_column": "text", "packing": "bos_aligned", "seed": 0, "num_workers": 0, "streaming": False}
     return build_dataloader(source, **{**args, **kwargs})
 
 

@@ -584,7 +584,7 @@ def _coerce(name: str, value: Any, ftype, source: str, from_text: bool):
                 raise bad('a table such as {"data/web": 0.7, "data/code": 0.3}') from None
         if not isinstance(value, dict):
             raise bad("a table of name = value")
-        return {str(k): _coerce(f"{name}.{k}", v, value_type, None, source, False) for k, v in value.items()}
+        return {str(k): _coerce(f"{name}.{k}", v, value_type, source, False) for k, v in value.items()}
     if origin is list:
         (item_type,) = typing.get_args(ftype)
         if from_text:
