@@ -1,0 +1,56 @@
+"""The GPU code paths, tested on CPU where a CPU test can exist: compute dtypes under
+bf16 autocast, the log-sum-exp merge of attention blocks, float8 on ragged row
+counts, compiled training/evaluation/decoding, and the FLOP conventions of MFU.
+
+Not testable here (no GPU in CI): the CUDA attention kernels' own log-sum-exp
+(`_scaled_dot_product_flash_attention` / `_efficient_attention`), FlexAttention's
+compiled backward, real float8 `_scaled_mm`, and CUDA-graph replay of the decode
+step; tools/bench_gpu.sh exercises them on a GPU machine.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from titan_lrt.model.args import LRTArgs, ModelArgs
+from titan_lrt.model.schedule import run_schedule
+from titan_lrt.model.transformer import Transformer
+
+
+def _args(**kw) -> ModelArgs:
+    lrt = kw.pop("lrt", {"mode": "interleaved", "num_subsets": 2})
+    base = dict(vocab_size=128, n_layers=2, dim=64, n_heads=2, max_seq_len=64, value_embeds="all")
+    return ModelArgs(**{**base, **kw}, lrt=LRTArgs(**lrt))
+
+
+def _model(args: ModelArgs, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    model.init_weights()
+    with torch.no_grad():  # move the zero-initialised projections so every path matters
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _tokens(B=2, T=32, seed=1):
+    return torch.randint(1, 128, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_kv_buffer_stays_in_the_compute_dtype_under_bf16_autocast(monkeypatch):
+    """CUDA autocast runs rms_norm in fp32; the keys and values kept for the subset
+    passes must still be bf16 (half the memory and bandwidth of fp32)."""
+    rms_norm = F.rms_norm
+
+    def fp32_rms_norm(x, shape, *args, **kwargs):  # what CUDA autocast does to rms_norm
+        if torch.is_autocast_enabled("cpu"):
+            x = x.float()
+        return rms_norm(x, shape, *args, **kwargs)
+
+    monkeypatch.setattr(F, "rms_norm", fp32_rms_norm)
+    model = _model(_args(lrt={"mode": "interleaved", "num_subsets": 2, "kv_refresh": True}))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.rms_norm(torch.ones(2, 4, dtype=torch.bfloat16), (4,)).dtype == torch.float32  # reproduced
+        result = run_schedule(model, _tokens(), return_kv=True)
+    for layer, (k, v) in enumerate(result.kv):
+        assert (k.dtype, v.dtype) == (torch.bfloat16, torch.bfloat16), f"layer {layer}: {k.dtype}, {v.dtype}"
