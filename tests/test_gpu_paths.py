@@ -54,3 +54,39 @@ def test_kv_buffer_stays_in_the_compute_dtype_under_bf16_autocast(monkeypatch):
         result = run_schedule(model, _tokens(), return_kv=True)
     for layer, (k, v) in enumerate(result.kv):
         assert (k.dtype, v.dtype) == (torch.bfloat16, torch.bfloat16), f"layer {layer}: {k.dtype}, {v.dtype}"
+
+
+def _matmul_params(model: Transformer, skip: str = "\0") -> int:
+    """N of the published formula: weights that multiply activations (no embedding
+    tables, no scalars)."""
+    return sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n and skip not in n)
+
+
+@pytest.mark.parametrize("pattern", ["L", "SSSL"])
+def test_published_flops_are_6n_plus_12lhqt_per_full_pass(pattern):
+    from titan_lrt.model.accounting import published_step_flops
+
+    T = 32
+    base = _args(window_pattern=pattern, short_window=8, lrt={"mode": "off"})
+    L, H, Q = base.n_layers, base.n_heads, base.head_dim
+    keys = sum(min(base.window(layer) or T, T) for layer in range(L))
+    assert keys == {"L": 2 * T, "SSSL": 8 + T}[pattern]  # two layers; the last one always sees everything
+    model = Transformer(base)
+    assert published_step_flops(base, T) == 6 * _matmul_params(model) + 12 * H * Q * keys
+
+    lrt = _args(window_pattern=pattern, short_window=8)  # pass 0 + the subset passes: two full passes
+    model = Transformer(lrt)
+    n_layers, n_feedback = _matmul_params(model, skip="feedback"), model.feedback.proj.weight.numel()
+    assert published_step_flops(lrt, T) == 2 * (6 * n_layers + 12 * H * Q * keys) + 6 * n_feedback
+
+
+def test_peak_table_tells_the_sxm_pcie_and_nvl_parts_apart():
+    from titan_lrt.metrics import format_step_line, peak_flops_of
+
+    names = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+             "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA A100-SXM4-80GB": 312e12,
+             "NVIDIA A100-PCIE-40GB": 312e12, "NVIDIA B200": 2250e12, "NVIDIA GeForce GTX 1080": None}
+    assert {name: peak_flops_of(name) for name in names} == names
+    line = format_step_line(3, {"loss/total": 2.0, "throughput/tokens_per_s": 1e5, "throughput/mfu_pct": 40.0,
+                                "throughput/mfu_published_pct": 52.5, "optim/lr": 1e-3, "optim/grad_norm": 1.0})
+    assert "mfu 40.0%" in line and "published convention 52.5%" in line
