@@ -19,7 +19,7 @@ from titan_lrt.model.transformer import Transformer
 
 def _args(**kw) -> ModelArgs:
     lrt = kw.pop("lrt", {"mode": "interleaved", "num_subsets": 2})
-    base = dict(vocab_size=128, n_layers=2, dim=64, n_heads=2, max_seq_len=64, value_embeds="all")
+    base = {"vocab_size": 128, "n_layers": 2, "dim": 64, "n_heads": 2, "max_seq_len": 64, "value_embeds": "all"}
     return ModelArgs(**{**base, **kw}, lrt=LRTArgs(**lrt))
 
 
@@ -90,3 +90,39 @@ def test_peak_table_tells_the_sxm_pcie_and_nvl_parts_apart():
     line = format_step_line(3, {"loss/total": 2.0, "throughput/tokens_per_s": 1e5, "throughput/mfu_pct": 40.0,
                                 "throughput/mfu_published_pct": 52.5, "optim/lr": 1e-3, "optim/grad_norm": 1.0})
     assert "mfu 40.0%" in line and "published convention 52.5%" in line
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_float8_linears_take_any_row_count(recipe, monkeypatch):
+    """A subset pass has B x T/S rows (11, 11 and 10 here); `_scaled_mm` needs a
+    multiple of 16. Padded rows change neither outputs nor gradients."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    from titan_lrt.parallel.float8 import apply_float8
+
+    model = _model(_args(dim=64, lrt={"mode": "interleaved", "num_subsets": 3}))
+    converted = apply_float8(model, recipe, emulate=True, fsdp=False)
+    assert "feedback.proj" in converted
+    rows_seen = []
+    forward = Float8Linear.forward
+
+    def spy(self, x):
+        rows_seen.append(x.numel() // x.size(-1))
+        return forward(self, x)
+
+    monkeypatch.setattr(Float8Linear, "forward", spy)
+    run_schedule(model, _tokens(B=1, T=32), _tokens(B=1, T=32, seed=2), backward=lambda loss, last: loss.backward())
+    assert rows_seen and all(r % 16 == 0 for r in rows_seen), sorted(set(rows_seen))
+
+    linear = model.layers[0].attention.wq
+    x = torch.randn(1, 11, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).float()
+    x_pad, x_raw = x.clone().requires_grad_(), x.clone().requires_grad_()
+    # padded vs the unpadded float8 matmul: the same quantisation, only the summation order differs
+    out_pad, out_raw = linear(x_pad), forward(linear, x_raw)
+    torch.testing.assert_close(out_pad, out_raw, rtol=1e-5, atol=1e-6)
+    linear.weight.grad = None
+    out_pad.square().sum().backward()
+    grad_pad, linear.weight.grad = linear.weight.grad, None
+    out_raw.square().sum().backward()
+    torch.testing.assert_close(grad_pad, linear.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x_pad.grad, x_raw.grad, rtol=1e-5, atol=1e-6)

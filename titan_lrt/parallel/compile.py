@@ -1,4 +1,4 @@
-"""torch.compile per block (and the LM head with its loss).
+"""torch.compile per block (and the LM head with its loss, and the feedback projection).
 
 Each block is compiled on its own with static shapes: one graph serves every
 layer, and each pass kind -- the full pass, the subset pass of each group i,
@@ -27,3 +27,5 @@ def apply_compile(model: Transformer) -> None:
     for block in model.layers:
         block.compile(dynamic=False, fullgraph=True)
     model.lm_head.compile(dynamic=False, fullgraph=True)
+    if model.feedback is not None:
+        model.feedback.compile(dynamic=False, fullgraph=True)
