@@ -126,3 +126,46 @@ def test_float8_linears_take_any_row_count(recipe, monkeypatch):
     out_raw.square().sum().backward()
     torch.testing.assert_close(grad_pad, linear.weight.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x_pad.grad, x_raw.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_sliding_window_model_trains_evaluates_and_decodes_without_hitting_the_recompile_limit(monkeypatch):
+    """nanochat's SSSL windows with alternating value embeddings: two block kinds x
+    (three training passes, three evaluation passes, the decode step) = 14 graphs of
+    Block.forward, more than Dynamo's default limit of 8 (FailOnRecompileLimitHit
+    under fullgraph before the limit was sized from the block kinds). aot_eager
+    traces exactly what inductor would compile; tests/test_speed_features.py
+    checks inductor's numerics."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from titan_lrt.model.decoding import generate_tokens
+    from titan_lrt.parallel.compile import apply_compile, block_kinds
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    args = _args(window_pattern="SSSL", short_window=8, value_embeds="alternate")
+    eager, compiled = _model(args), _model(args)
+    apply_compile(compiled, backend="aot_eager")
+    assert block_kinds(compiled) == 2
+    tokens, targets = _tokens(), _tokens(seed=2)
+    counters.clear()
+    for step in range(2):
+        for model in (compiled, eager):
+            model.zero_grad(set_to_none=True)
+            result = run_schedule(model, tokens, targets, backward=lambda loss, last: loss.backward())
+            if model is compiled:
+                loss_c = result.loss.detach()
+                grads = {n.replace("_orig_mod.", ""): p.grad for n, p in model.named_parameters()}
+        torch.testing.assert_close(loss_c, result.loss.detach(), rtol=1e-5, atol=1e-5)
+        for name, p in eager.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+        if step == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs, "recompiled in the second training step"
+    with torch.no_grad():
+        losses = [run_schedule(m, tokens, targets).loss for m in (compiled, eager)]
+    torch.testing.assert_close(*losses, rtol=1e-5, atol=1e-5)
+    prompts = [[1, 5, 9, 2], [1, 7]]
+    for mode in ("exact", "schedule"):
+        decoded = [generate_tokens(m, prompts, 6, temperature=0.0, prefill_mode=mode) for m in (compiled, eager)]
+        assert decoded[0] == decoded[1], mode
