@@ -169,3 +169,65 @@ def test_compiled_sliding_window_model_trains_evaluates_and_decodes_without_hitt
     for mode in ("exact", "schedule"):
         decoded = [generate_tokens(m, prompts, 6, temperature=0.0, prefill_mode=mode) for m in (compiled, eager)]
         assert decoded[0] == decoded[1], mode
+
+
+class _MathKernel:
+    """A third `BlockKernel` provider, written from the flash-attention equations in
+    float64: what CUDA's flash kernel computes (it cannot run here)."""
+
+    @staticmethod
+    def _probs(q, k, lse, causal):
+        scores = q @ k.transpose(-1, -2) / q.size(-1) ** 0.5
+        if causal:
+            scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+        return scores if lse is None else torch.exp(scores - lse.unsqueeze(-1))
+
+    @classmethod
+    def forward(cls, q, k, v, causal):
+        scores = cls._probs(q, k, None, causal)
+        lse = torch.logsumexp(scores, dim=-1)
+        return torch.softmax(scores, dim=-1) @ v, lse, ()
+
+    @classmethod
+    def backward(cls, grad_out, q, k, v, out, lse, causal, saved):
+        p = cls._probs(q, k, lse, causal)  # with the merged lse: this block's share of the merged softmax
+        dp = grad_out @ v.transpose(-1, -2)
+        ds = p * (dp - (grad_out * out).sum(-1, keepdim=True)) / q.size(-1) ** 0.5
+        return ds @ k, ds.transpose(-1, -2) @ q, p.transpose(-1, -2) @ grad_out
+
+
+@pytest.mark.parametrize("provider", ["cpu_flash", "math"])
+@pytest.mark.parametrize("S,T", [(2, 16), (3, 17)])
+def test_block_kernel_merge_is_exact_attention_in_float64(provider, S, T, monkeypatch):
+    """Subset attention through a BlockKernel provider against a literal masked
+    softmax over positions: outputs and gradients in float64."""
+    from titan_lrt.model import attention
+
+    if provider == "math":
+        math_kernel = attention.BlockKernel(_MathKernel.forward, _MathKernel.backward)
+        monkeypatch.setitem(attention.BLOCK_KERNELS, "cpu", math_kernel)
+    g = torch.Generator().manual_seed(S * T)
+    B, H, Hkv, D = 2, 4, 2, 8
+    k_all = torch.randn(B, Hkv, T, D, dtype=torch.float64, generator=g)
+    v_all = torch.randn(B, Hkv, T, D, dtype=torch.float64, generator=g)
+    for index in range(S):
+        n = len(range(index, T, S))
+        q = torch.randn(B, H, n, D, dtype=torch.float64, generator=g).requires_grad_()
+        kv = [t.clone().requires_grad_() for t in (k_all, v_all)]
+        keys = [kv[0][:, :, j::S] for j in range(S)]
+        values = [kv[1][:, :, j::S] for j in range(S)]
+        out = attention.subset_attention(q, keys, values, index, backend="sdpa")
+
+        q_ref = q.detach().clone().requires_grad_()
+        kv_ref = [t.clone().requires_grad_() for t in (k_all, v_all)]
+        k_ref, v_ref = (t.repeat_interleave(H // Hkv, dim=1) for t in kv_ref)
+        q_pos, k_pos = torch.arange(index, T, S), torch.arange(T)
+        scores = (q_ref @ k_ref.transpose(-1, -2) / D**0.5).masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+        ref = torch.softmax(scores, dim=-1) @ v_ref
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+        grad = torch.randn(out.shape, dtype=torch.float64, generator=g)
+        out.backward(grad)
+        ref.backward(grad)
+        for got, want, name in zip((q, *kv), (q_ref, *kv_ref), "qkv"):
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-10, msg=f"d{name}, pass {index}")
