@@ -231,3 +231,30 @@ def test_block_kernel_merge_is_exact_attention_in_float64(provider, S, T, monkey
         ref.backward(grad)
         for got, want, name in zip((q, *kv), (q_ref, *kv_ref), "qkv"):
             torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-10, msg=f"d{name}, pass {index}")
+
+
+def test_compiled_decode_step_gives_the_eager_tokens_and_logits():
+    """The LRT's step (the baseline's is the same function without the memory)."""
+    from titan_lrt.model.decoding import compile_decode_step, decode_step, prefill, sample
+
+    args = _args()
+    eager, compiled = _model(args), _model(args)
+    compile_decode_step(compiled)
+    prompts = [[1, 5, 9, 2, 7], [1, 7]]
+    runs = []
+    for model in (eager, compiled):
+        state, logits = prefill(model, prompts, "exact", 12)
+        tokens, all_logits = [], [logits]
+        for _ in range(5):
+            token = sample(logits, 0.0, None, None)
+            logits = decode_step(model, state, token)
+            tokens.append(token)
+            all_logits.append(logits)
+        runs.append((torch.stack(tokens), torch.stack(all_logits), state))
+    (tok_e, log_e, st_e), (tok_c, log_c, st_c) = runs
+    assert torch.equal(tok_e, tok_c)
+    torch.testing.assert_close(log_c, log_e, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(st_c.last_state, st_e.last_state, rtol=1e-4, atol=1e-4)
+    assert torch.equal(st_c.lengths, st_e.lengths)
+    for k_c, k_e in zip(st_c.keys, st_e.keys):
+        torch.testing.assert_close(k_c, k_e, rtol=1e-4, atol=1e-4)
