@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     lrt = base_args.lrt
     print(f"decode benchmark: {a.config} (LRT: {lrt.projection} projection, inject {lrt.inject_layers}, "
           f"value_embeds {base_args.value_embeds}), vocab {a.vocab}, prompt {a.prompt_len}, {a.new_tokens} new tokens, "
-          f"{a.dtype}{', compiled step' if a.compile else ''}, {device.type}, {torch.get_num_threads()} threads, median of {a.rounds} alternating rounds")
+          f"{a.dtype}{', compiled step' if a.compile else ''}, {device.type}, {torch.get_num_threads()} threads, "
+          f"median of {a.rounds} alternating rounds")
     print(f"{'dim':>5}{'layers':>7}{'heads':>6}{'batch':>6}{'baseline tok/s':>16}{'LRT tok/s':>12}{'LRT/baseline':>14}")
     for args, batch, base, rec in rows:
         print(f"{args.dim:>5}{args.n_layers:>7}{args.n_heads:>6}{batch:>6}{base:>16.1f}{rec:>12.1f}{rec / base:>14.3f}")

@@ -211,7 +211,8 @@ def print_rows(rows: list[dict]) -> None:
     for r in rows:
         mfu, pub = (f"{r[k]:.1f}" if r[k] is not None else "-" for k in ("mfu_pct", "mfu_published_pct"))
         print(f"{r['variant']:<18}{r['median_s']:>10.3f}{r['min_s']:>8.3f}{r['ratio']:>8.3f}{r['flop_ratio']:>8.3f}"
-              f"{r['tokens_per_s']:>10,.0f}{mfu:>7}{pub:>7}{r['cpu_ratio']:>10.3f}{r['peak_mib']:>10.1f}{r['mem_ratio']:>11.3f}"
+              f"{r['tokens_per_s']:>10,.0f}{mfu:>7}{pub:>7}{r['cpu_ratio']:>10.3f}{r['peak_mib']:>10.1f}"
+              f"{r['mem_ratio']:>11.3f}"
               f"{r['faults_per_step']:>9.0f}")
     sys.stdout.flush()
 
