@@ -1,4 +1,4 @@
-"""torch.compile per block (and the LM head with its loss, and the feedback projection).
+"""torch.compile per block (and the LM head with its loss).
 
 Each block is compiled on its own with static shapes: one graph serves every
 layer of the same kind (window, gates, injection), and each pass kind -- the
@@ -40,9 +40,12 @@ def graphs_per_code(model: Transformer) -> int:
 
 
 def apply_compile(model: Transformer, backend: str = "inductor") -> None:
-    """Compile every block, the LM head and the feedback projection in place (before
-    FSDP wraps them). backend: torch.compile's ("aot_eager" traces without code
-    generation, for fast tests of graph counts)."""
+    """Compile every block and the LM head in place (before FSDP wraps them).
+
+    The feedback projection stays eager: compiled on its own, its outputs (views of
+    one matmul) crash AOT autograd's alias replay in torch 2.13. backend:
+    torch.compile's ("aot_eager" traces without code generation, for fast tests of
+    graph counts)."""
     limit = graphs_per_code(model)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     torch._dynamo.config.accumulated_recompile_limit = max(
@@ -51,5 +54,4 @@ def apply_compile(model: Transformer, backend: str = "inductor") -> None:
     for block in model.layers:
         block.compile(backend=backend, dynamic=False, fullgraph=True)
     model.lm_head.compile(backend=backend, dynamic=False, fullgraph=True)
-    if model.feedback is not None:
-        model.feedback.compile(backend=backend, dynamic=False, fullgraph=True)
+
