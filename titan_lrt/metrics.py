@@ -1,4 +1,10 @@
-"""Training metrics: the console line, TensorBoard scalars, memory, throughput and MFU."""
+"""Training metrics: the console line, TensorBoard scalars, memory, throughput and MFU.
+
+MFU is reported in two conventions side by side (`titan_lrt.model.accounting`):
+ours counts the FLOPs executed (causal attention as half a square), the
+published one (nanochat, torchtitan) 6N + 12 L H Q T per token, so the numbers
+compare with theirs.
+"""
 
 from __future__ import annotations
 
@@ -22,12 +28,12 @@ logger = logging.getLogger("titan_lrt")
 
 PEAK_BF16_FLOPS = {
     "B200": 2250e12,
-    "H200": 989e12,
-    "H100 SXM": 989e12,
+    "H200 NVL": 835e12,
+    "H200": 989e12,  # SXM ("NVIDIA H200"); GH200 has the same tensor cores
     "H100 NVL": 835e12,
     "H100 PCIe": 756e12,
-    "H100": 989e12,
-    "A100": 312e12,
+    "H100": 989e12,  # SXM ("NVIDIA H100 80GB HBM3")
+    "A100": 312e12,  # SXM and PCIe alike
 }
 """Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment; the first match
 wins, so more specific names come first. Unknown hardware reports no MFU."""
@@ -112,7 +118,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def device_peak_flops(device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(name: str) -> Optional[float]:
+    """The bf16 peak of a device by its CUDA name (None if not in the table)."""
     for fragment, peak in PEAK_BF16_FLOPS.items():
         if fragment in name:
             return peak
@@ -169,6 +179,8 @@ def format_step_line(step: int, s: dict[str, float]) -> str:
     parts.append(f"{s['throughput/tokens_per_s']:,.0f} tok/s")
     if "throughput/mfu_pct" in s:
         parts.append(f"mfu {s['throughput/mfu_pct']:.1f}%")
+    if "throughput/mfu_published_pct" in s:
+        parts.append(f"(published convention {s['throughput/mfu_published_pct']:.1f}%)")
     parts.append(f"lr {s['optim/lr']:.2e}")
     parts.append(f"gnorm {s['optim/grad_norm']:.3f}")
     mem = s.get("memory/peak_gib", s.get("memory/rss_gib"))

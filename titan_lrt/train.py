@@ -45,7 +45,7 @@ from titan_lrt.metrics import (
     memory_stats,
     setup_logging,
 )
-from titan_lrt.model.accounting import count_parameters, step_flops
+from titan_lrt.model.accounting import count_parameters, published_step_flops, step_flops
 from titan_lrt.model.schedule import StepResult, pass_target_counts, run_schedule
 from titan_lrt.model.transformer import Transformer
 from titan_lrt.optim import build_lr_schedulers, build_optimizers, clip_grad_norm_
@@ -145,6 +145,7 @@ class Trainer:
             config.metrics.enable_tensorboard,
         )
         self.flops = step_flops(self.model_args, t.seq_len)
+        self.published_flops = published_step_flops(self.model_args, t.seq_len)
         self.peak_flops = device_peak_flops(self.device)
         self._log_setup()
 
@@ -515,6 +516,8 @@ class Trainer:
         scalars["throughput/tflops_per_device"] = achieved / 1e12
         if self.peak_flops:
             scalars["throughput/mfu_pct"] = 100 * achieved / self.peak_flops
+            published = tokens_per_s * self.published_flops / self.dist.world_size
+            scalars["throughput/mfu_published_pct"] = 100 * published / self.peak_flops
         lrs = self.lr_schedulers.last_lr()
         scalars["optim/lr"] = lrs.get("matrix", max(lrs.values()))
         scalars.update({f"optim/lr_{name}": lr for name, lr in lrs.items()})

@@ -3,6 +3,7 @@
     python tools/bench_decode.py                                  # debug model and dim 256, batch 1 and 8
     python tools/bench_decode.py --dims 128 --batch 1 --rounds 40 --threads 1
     python tools/bench_decode.py --config train_configs/lrt_d12.toml --dims 0 --vocab 32768 --device cuda
+    python tools/bench_decode.py --config train_configs/lrt_d12.toml --dims 0 --vocab 32768 --dtype bf16 --compile
 
 Both models have the backbone of --config (default: train_configs/debug_model.toml:
 4 layers, dim 128, 2 heads), resized by each of --dims (0: the config's own
@@ -19,16 +20,20 @@ training schedule (interleaved, Jacobi): only the pathway's shape matters.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
 import torch
+import torch._dynamo
 
 from titan_lrt.config import ConfigError, load_config
 from titan_lrt.model.args import LRTArgs, ModelArgs
-from titan_lrt.model.decoding import decode_step, prefill, sample
+from titan_lrt.model.decoding import compile_decode_step, decode_step, prefill, sample
 from titan_lrt.model.transformer import Transformer
 from tqdm import tqdm
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def build(args: ModelArgs, device: torch.device) -> Transformer:
@@ -68,10 +73,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: %(default)s")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and cache (default: %(default)s)")
+    p.add_argument("--compile", action="store_true", help="compile each model's whole decode step (warm-up compiles)")
+    p.add_argument("--json", help="also write the rows as JSON to this file")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
+    torch._dynamo.config.recompile_limit = 64  # every model and batch size is a graph of the one step function
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     try:
         config, _ = load_config(["--config", a.config])
@@ -88,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
         lrt_args = base_args.replace(dim=dim) if dim else base_args
         models = {"baseline": build(lrt_args.replace(lrt=LRTArgs(mode="off")), device),
                   "LRT": build(lrt_args, device)}
+        for model in models.values():
+            model.to(DTYPES[a.dtype]).init_buffers()  # RoPE tables stay fp32
+            if a.compile:
+                compile_decode_step(model)
         g = torch.Generator().manual_seed(batch)
         prompts = [[0] + torch.randint(1, a.vocab, (a.prompt_len - 1,), generator=g).tolist() for _ in range(batch)]
         times = {name: [] for name in models}
@@ -105,10 +118,16 @@ def main(argv: list[str] | None = None) -> None:
     lrt = base_args.lrt
     print(f"decode benchmark: {a.config} (LRT: {lrt.projection} projection, inject {lrt.inject_layers}, "
           f"value_embeds {base_args.value_embeds}), vocab {a.vocab}, prompt {a.prompt_len}, {a.new_tokens} new tokens, "
-          f"{device.type}, {torch.get_num_threads()} threads, median of {a.rounds} alternating rounds")
+          f"{a.dtype}{', compiled step' if a.compile else ''}, {device.type}, {torch.get_num_threads()} threads, "
+          f"median of {a.rounds} alternating rounds")
     print(f"{'dim':>5}{'layers':>7}{'heads':>6}{'batch':>6}{'baseline tok/s':>16}{'LRT tok/s':>12}{'LRT/baseline':>14}")
     for args, batch, base, rec in rows:
         print(f"{args.dim:>5}{args.n_layers:>7}{args.n_heads:>6}{batch:>6}{base:>16.1f}{rec:>12.1f}{rec / base:>14.3f}")
+    if a.json:
+        records = [{"dim": args.dim, "layers": args.n_layers, "batch": batch, "baseline_tokens_per_s": base,
+                    "lrt_tokens_per_s": rec} for args, batch, base, rec in rows]
+        with open(a.json, "w") as f:
+            json.dump(records, f, indent=1)
 
 
 if __name__ == "__main__":

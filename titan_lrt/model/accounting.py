@@ -110,3 +110,23 @@ def step_flops(args: ModelArgs, seq_len: int) -> StepFlops:
         refreshed = sum(len(later) for i in range(len(subsets)) for later in subsets[i + 1:]) / seq_len
         passes["kv_refresh"] = (TRAIN_MULTIPLIER if not lrt.detach_buffer else 1) * proj * refreshed
     return StepFlops(passes=passes, total=sum(passes.values()), baseline=baseline)
+
+
+def published_step_flops(args: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs per token of one step in the convention nanochat and torchtitan
+    publish: 6N + 12 L H Q T per token and full pass (N the non-embedding parameters).
+
+    It differs from `step_flops` only in attention: every query is counted against
+    all T keys (its window's keys in a sliding-window layer, as nanochat does) rather
+    than the causal T / 2 executed. A step makes as many full passes as pass 0 plus
+    its refinements cover: 1 (baseline), 2 (interleaved: the S subset passes cover
+    T positions together), jacobi_passes (Jacobi).
+    """
+    lrt = args.lrt
+    full_passes = sum(map(len, lrt.pass_positions(seq_len))) / seq_len
+    q_dim = args.n_heads * args.head_dim
+    uncounted_keys = sum(
+        min(args.window(layer) or seq_len, seq_len) - _avg_keys(seq_len, args.window(layer))
+        for layer in range(args.n_layers)
+    )
+    return step_flops(args, seq_len).total + full_passes * TRAIN_MULTIPLIER * 2 * 2 * q_dim * uncounted_keys

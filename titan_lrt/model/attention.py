@@ -16,7 +16,9 @@ so every (query group, key group) pair is an ordinary causal block on the
 strided index. Attending group by group with a causal kernel and merging the
 partial softmaxes by their log-sum-exp costs, over the S passes, exactly one
 causal attention, never touches masked-out key blocks, and needs no copy of the
-buffer.
+buffer. The kernel is a `BlockKernel`: the CPU flash kernel, or CUDA's flash
+kernel in bf16/fp16. On CUDA nothing materialises score matrices: sliding
+windows and other dtypes go to FlexAttention.
 
 Under context parallelism (`context_attention`) a rank's queries are runs of
 global positions (a head and a tail chunk of the sequence, strided by S in a
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +62,7 @@ def subset_attention(
     """
     S = len(keys)
     n = q.size(2)
-    if _use_flex(backend, q):
+    if _use_flex(backend, q) or (q.is_cuda and (window > 0 or block_kernel(q) is None)):  # never scores on CUDA
         T = sum(k.size(2) for k in keys)
         mask = _block_mask("subset", n, T, S, index, window, q.device)
         return _flex(q, torch.cat(keys, dim=2).to(q.dtype), torch.cat(values, dim=2).to(q.dtype), mask)
@@ -74,7 +77,7 @@ def subset_attention(
         v_blocks.append(v)
         shifts.append(shift)
         groups.append(j)
-    if window <= 0 and q.device.type == "cpu":
+    if window <= 0 and block_kernel(q) is not None:
         return _BlockCausalAttention.apply(q, tuple(shifts), *k_blocks, *v_blocks)
     return _block_attention_math(q, k_blocks, v_blocks, groups, index, S, window)
 
@@ -97,7 +100,7 @@ def context_attention(
         mask = _runs_block_mask(runs, k.size(2), window, q.device)
         return _flex(q, k.to(q.dtype), v.to(q.dtype), mask)
     k, v = k.to(q.dtype), v.to(q.dtype)
-    if window <= 0 and q.device.type == "cpu":
+    if window <= 0 and block_kernel(q) is not None:
         outs, start = [], 0
         for first, count, stride in runs:
             outs.append(_run_attention(q[:, :, start : start + count], k, v, first, count, stride))
@@ -276,8 +279,65 @@ def _block_attention_math(
     return torch.matmul(probs, torch.cat(values, dim=2)).to(q.dtype)
 
 
+class BlockKernel(NamedTuple):
+    """Attention of queries to one key block, returning the log-sum-exp for merging.
+
+    forward(q, k, v, causal) -> (out, lse, saved): out (B, H, n, D) in q's dtype, lse
+    (B, H, n) the natural-log normaliser in fp32, saved whatever backward needs.
+    backward(grad_out, q, k, v, out, lse, causal, saved) -> (dq, dk, dv). Given the
+    *merged* out and lse of all blocks, it returns this block's share of the exact
+    gradient of the merged attention. `causal` aligns query a with key a (square
+    blocks). The CPU flash kernel and CUDA's flash kernel are two providers of it.
+    """
+
+    forward: Callable
+    backward: Callable
+
+
+def _cpu_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+    return out, lse, ()
+
+
+def _cpu_backward(grad_out, q, k, v, out, lse, causal, saved):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(grad_out, q, k, v, out, lse, 0.0, causal)
+
+
+def _cuda_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool):
+    out, lse, *saved = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)
+    return out, lse, tuple(saved[:6])  # cum_seq_q, cum_seq_k, max_q, max_k, philox seed and offset
+
+
+def _cuda_backward(grad_out, q, k, v, out, lse, causal, saved):
+    cum_q, cum_k, max_q, max_k, seed, offset = saved
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        grad_out.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), cum_q, cum_k, max_q, max_k, 0.0, causal,
+        seed, offset,
+    )[:3]
+
+
+BLOCK_KERNELS = {"cpu": BlockKernel(_cpu_forward, _cpu_backward), "cuda": BlockKernel(_cuda_forward, _cuda_backward)}
+
+_CUDA_FLASH_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def block_kernel(q: Tensor) -> Optional[BlockKernel]:
+    """The log-sum-exp block kernel for q's device and dtype (None: none there; CUDA's
+    flash kernel takes half precision only)."""
+    if q.is_cuda and q.dtype not in _CUDA_FLASH_DTYPES:
+        return None
+    return BLOCK_KERNELS.get(q.device.type)
+
+
+def merge_blocks(outs: Tensor, lses: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Merge per-block attention (blocks, B, H, n, D) by their log-sum-exps (blocks, B, H, n)."""
+    lse = torch.logsumexp(lses, dim=0)
+    out = (torch.exp(lses - lse).unsqueeze(-1) * outs.to(lses.dtype)).sum(0)
+    return out.to(dtype), lse
+
+
 class _BlockCausalAttention(torch.autograd.Function):
-    """Attention over several causal key blocks merged by log-sum-exp (CPU flash kernel).
+    """Attention over several causal key blocks merged by log-sum-exp (`BlockKernel`).
 
     Block j is aligned so that query row a sees key rows b <= a - shift_j; a block
     with shift -1 is seen whole by every query (no mask; context parallelism's keys
@@ -292,25 +352,23 @@ class _BlockCausalAttention(torch.autograd.Function):
     def forward(ctx, q: Tensor, shifts: tuple[int, ...], *kv: Tensor) -> Tensor:
         n_blocks = len(shifts)
         ks, vs = kv[:n_blocks], kv[n_blocks:]
+        kernel = block_kernel(q)
         acc = torch.promote_types(q.dtype, torch.float32)
-        outs, lses = [], []
+        outs, lses, saved = [], [], []
         for shift, members in _by_shift(shifts):
             G = len(members)
             k, v = _stack([ks[j] for j in members]), _stack([vs[j] for j in members])
             causal, shift = shift >= 0, max(shift, 0)
-            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                _repeat(q[:, :, shift:], G), k, v, 0.0, causal
-            )
+            o, lse, kernel_saved = kernel.forward(_repeat(q[:, :, shift:], G), k, v, causal)
+            saved.append(kernel_saved)
             o, lse = o.unflatten(0, (G, -1)), lse.unflatten(0, (G, -1))
             if shift:
                 o = F.pad(o, (0, 0, shift, 0))
                 lse = F.pad(lse, (shift, 0), value=float("-inf"))
             outs.append(o)
             lses.append(lse.to(acc))
-        o, lse_g = torch.cat(outs), torch.cat(lses)  # (blocks, B, H, n, D), (blocks, B, H, n)
-        lse = torch.logsumexp(lse_g, dim=0)
-        out = (torch.exp(lse_g - lse).unsqueeze(-1) * o.to(acc)).sum(0).to(q.dtype)
-        ctx.shifts = shifts
+        out, lse = merge_blocks(torch.cat(outs), torch.cat(lses), q.dtype)  # (blocks, B, H, n, D), (blocks, B, H, n)
+        ctx.shifts, ctx.kernel, ctx.kernel_saved = shifts, kernel, saved
         ctx.save_for_backward(q, out, lse, *kv)
         return out
 
@@ -323,13 +381,13 @@ class _BlockCausalAttention(torch.autograd.Function):
         grad_out = grad_out.contiguous().to(q.dtype)
         dq = torch.zeros_like(q, dtype=lse.dtype)
         dks, dvs = [None] * n_blocks, [None] * n_blocks
-        for shift, members in _by_shift(shifts):
+        for (shift, members), kernel_saved in zip(_by_shift(shifts), ctx.kernel_saved):
             G = len(members)
             k, v = _stack([ks[j] for j in members]), _stack([vs[j] for j in members])
             causal, shift = shift >= 0, max(shift, 0)
-            dq_g, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dq_g, dk, dv = ctx.kernel.backward(
                 _repeat(grad_out[:, :, shift:], G), _repeat(q[:, :, shift:], G), k, v,
-                _repeat(out[:, :, shift:], G), _repeat(lse[:, :, shift:], G), 0.0, causal,
+                _repeat(out[:, :, shift:], G), _repeat(lse[:, :, shift:], G), causal, kernel_saved,
             )
             dq[:, :, shift:] += dq_g.unflatten(0, (G, -1)).sum(0)
             for j, dk_j, dv_j in zip(members, dk.unflatten(0, (G, -1)), dv.unflatten(0, (G, -1))):

@@ -127,7 +127,8 @@ class Attention(nn.Module):
                     k = k + g_fb.unsqueeze(-1) * memory.k_fb
                     v = v + g_fb.unsqueeze(-1) * memory.v_fb
             if "value_embed" in g:
-                ve = self.value_embed(tokens).view(B, n, self.n_kv_heads, self.head_dim)
+                # the table is fp32 (autocast leaves lookups alone): keep v in the compute dtype
+                ve = self.value_embed(tokens).view(B, n, self.n_kv_heads, self.head_dim).to(v.dtype)
                 v = v + g["value_embed"].unsqueeze(-1) * ve
         k_pre = k
 

@@ -13,6 +13,7 @@ approximate in training. Prefill modes:
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -57,24 +58,50 @@ def decode_step(model: Transformer, state: DecodeState, tokens: Tensor, active: 
     """Feed one token per sequence; returns its logits (B, vocab).
 
     Sequences with active[b] False are computed but their state does not move.
+    Runs the compiled step where `compile_decode_step` registered one for the model.
     """
-    positions = state.lengths[:, None]
+    step = _COMPILED_STEPS.get(model, _step)
+    logits, state.lengths, state.last_state = step(model, state.keys, state.values, state.lengths, state.last_state,
+                                                   tokens, active)
+    return logits
+
+
+def _step(model: Transformer, keys: list[Tensor], values: list[Tensor], lengths: Tensor, last_state: Tensor,
+          tokens: Tensor, active: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """One decode step as a function of tensors (the compiled unit): writes the new
+    K/V into the caches in place, returns (logits, lengths, last_state)."""
+    positions = lengths[:, None]
     memory = None
     if model.args.lrt.enabled:
         keep = memory_keep_mask(tokens[:, None], positions, model.args.bos_token_id, model.args.lrt.reset_at_bos)
-        memory = apply_reset(state.last_state[:, None], keep)
-    keys = [CacheKeys(k, v, state.lengths) for k, v in zip(state.keys, state.values)]
-    out = model(tokens[:, None], positions=positions, memory=memory, keys=keys)
+        memory = apply_reset(last_state[:, None], keep)
+    cache = [CacheKeys(k, v, lengths) for k, v in zip(keys, values)]
+    out = model(tokens[:, None], positions=positions, memory=memory, keys=cache)
     rows = torch.arange(tokens.size(0), device=tokens.device)
-    write_at = state.lengths.clamp(max=state.keys[0].size(2) - 1)
+    write_at = lengths.clamp(max=keys[0].size(2) - 1)
     for layer, kv in enumerate(out.kv):
-        state.keys[layer][rows, :, write_at] = kv.k[:, :, 0].to(state.keys[layer].dtype)
-        state.values[layer][rows, :, write_at] = kv.v[:, :, 0].to(state.values[layer].dtype)
-    step = torch.ones_like(state.lengths) if active is None else active.long()
-    new_state = out.states[:, 0].to(state.last_state.dtype)
-    state.last_state = new_state if active is None else torch.where(active[:, None], new_state, state.last_state)
-    state.lengths = state.lengths + step
-    return out.logits[:, 0]
+        keys[layer][rows, :, write_at] = kv.k[:, :, 0].to(keys[layer].dtype)
+        values[layer][rows, :, write_at] = kv.v[:, :, 0].to(values[layer].dtype)
+    step = torch.ones_like(lengths) if active is None else active.long()
+    new_state = out.states[:, 0].to(last_state.dtype)
+    last_state = new_state if active is None else torch.where(active[:, None], new_state, last_state)
+    return out.logits[:, 0], lengths + step, last_state
+
+
+_COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compile_decode_step(model: Transformer, backend: str = "inductor") -> None:
+    """Compile the whole decode step of `model` into one graph (both models alike).
+
+    A step is one token per sequence through every layer: launch-bound on a GPU
+    when run op by op. Compiled, the feedback projection, the gates, attention
+    over the cache and the cache writes fuse into a few kernels. Shapes are
+    static (the cache is allocated at its full length), so a graph is built once
+    per batch size and cache length. Use on a model whose blocks are not
+    compiled on their own (`apply_compile` compiles per block for training).
+    """
+    _COMPILED_STEPS[model] = torch.compile(_step, backend=backend, dynamic=False, fullgraph=True)
 
 
 @torch.no_grad()

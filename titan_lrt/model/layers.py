@@ -35,8 +35,12 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def rope_then_norm(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE then QK-norm: what queries and keys go through before attention."""
-    return rms_norm(apply_rope(x, cos, sin))
+    """RoPE then QK-norm: what queries and keys go through before attention.
+
+    Returned in x's dtype: CUDA autocast runs rms_norm in fp32, and fp32 keys
+    would make the KV buffer and cache twice as large and upcast v to match.
+    """
+    return rms_norm(apply_rope(x, cos, sin)).to(x.dtype)
 
 
 def init_uniform_(weight: Tensor, fan_in: int) -> None:

@@ -1,9 +1,12 @@
 """torch.compile per block (and the LM head with its loss).
 
 Each block is compiled on its own with static shapes: one graph serves every
-layer, and each pass kind -- the full pass, the subset pass of each group i,
-the decode step -- gets its own graph once, so steps after the first compile
-nothing (tests count the recompiles).
+layer of the same kind (window, gates, injection), and each pass kind -- the
+full pass, the subset pass of each group i, the decode step, with and without
+gradients -- gets its own graph once, so steps after the first compile nothing
+(tests count the recompiles). The recompile limit is sized from these counts:
+nanochat's "SSSL" windows with alternating value embeddings make several block
+kinds, which the default limit of 8 graphs per function cannot hold.
 """
 
 from __future__ import annotations
@@ -14,14 +17,39 @@ import torch._dynamo
 from titan_lrt.model.transformer import Transformer
 
 EXTRA_GRAPHS = 4
-"""Graphs a block may need beyond the training passes: decode, zero-memory and
-schedule evaluation passes of other lengths."""
+"""Graphs a pass kind may need beyond the training and evaluation passes: schedule
+evaluation over other lengths, prefill of other prompt lengths."""
 
 
-def apply_compile(model: Transformer) -> None:
-    """Compile every block and the LM head in place (before FSDP wraps them)."""
-    limit = model.args.lrt.pass_shapes + EXTRA_GRAPHS
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+def block_kinds(model: Transformer) -> int:
+    """Distinct blocks as Dynamo sees them: layers differ in window, gates (feedback,
+    value embedding) and residual injection, and each difference is a guard."""
+    kinds = set()
     for block in model.layers:
-        block.compile(dynamic=False, fullgraph=True)
-    model.lm_head.compile(dynamic=False, fullgraph=True)
+        block = getattr(block, "_checkpoint_wrapped_module", block)
+        kinds.add((block.attention.window, block.attention.gate_names, block.gamma is not None))
+    return len(kinds)
+
+
+def graphs_per_code(model: Transformer) -> int:
+    """Graphs one compiled function may need: every block kind x pass kind, in training
+    (with gradients) and in evaluation (without), plus the decode step and EXTRA_GRAPHS."""
+    return block_kinds(model) * (2 * model.args.lrt.pass_shapes + 1 + EXTRA_GRAPHS)
+
+
+def apply_compile(model: Transformer, backend: str = "inductor") -> None:
+    """Compile every block and the LM head in place (before FSDP wraps them).
+
+    The feedback projection stays eager: compiled on its own, its outputs (views of
+    one matmul) crash AOT autograd's alias replay in torch 2.13. backend:
+    torch.compile's ("aot_eager" traces without code generation, for fast tests of
+    graph counts)."""
+    limit = graphs_per_code(model)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, limit * (len(model.layers) + 2)
+    )
+    for block in model.layers:
+        block.compile(backend=backend, dynamic=False, fullgraph=True)
+    model.lm_head.compile(backend=backend, dynamic=False, fullgraph=True)
+
