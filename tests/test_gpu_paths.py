@@ -101,7 +101,7 @@ def test_float8_linears_take_any_row_count(recipe, monkeypatch):
     from titan_lrt.parallel.float8 import apply_float8
 
     model = _model(_args(dim=64, lrt={"mode": "interleaved", "num_subsets": 3}))
-    converted = apply_float8(model, recipe, emulate=True, fsdp=False)
+    converted = apply_float8(model, recipe=recipe, emulate=True, fsdp=False)
     assert "feedback.proj" in converted
     rows_seen = []
     forward = Float8Linear.forward
