@@ -450,6 +450,11 @@ def validate(config: Config) -> None:
             f"parallelism.data_parallel_replicate_degree={p.data_parallel_replicate_degree} and "
             f"parallelism.process_group_timeout_seconds={p.process_group_timeout_seconds} must be >= 1"
         )
+    if config.lrt.mode == "interleaved" and t.seq_len < config.lrt.num_subsets:
+        raise ConfigError(
+            f"training.seq_len={t.seq_len} is shorter than lrt.num_subsets={config.lrt.num_subsets}: every subset "
+            "needs a position; raise training.seq_len or lower lrt.num_subsets"
+        )
     cp = p.context_parallel_degree
     if cp < 1:
         raise ConfigError(f"parallelism.context_parallel_degree={cp} must be >= 1")

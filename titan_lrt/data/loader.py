@@ -33,7 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from titan_lrt.data.packing import PACKING_MODES, row_packer
-from titan_lrt.data.sources import Documents, load_documents
+from titan_lrt.data.sources import DataError, Documents, count_texts, load_documents
 from titan_lrt.data.streams import StreamState, TextEncoder, TokenStream
 
 _SETTINGS = ("num_streams", "seq_len", "packing", "seed")
@@ -68,11 +68,8 @@ class PackedRowsDataset(IterableDataset):
                 "world size the run may use (e.g. 64)"
             )
         self._pack = row_packer(packing)
-        if not documents.streaming and len(documents.dataset) < num_streams:
-            raise ValueError(
-                f"{documents.name} has {len(documents.dataset)} documents, fewer than "
-                f"num_streams={num_streams}; lower num_streams"
-            )
+        if not documents.streaming:
+            _check_enough_documents(documents, num_streams)
         self.documents = documents
         self.tokenizer = tokenizer
         self.local_batch_size = local_batch_size
@@ -125,17 +122,26 @@ class PackedRowsDataset(IterableDataset):
         num_streams, row_len = self.settings["num_streams"], self.settings["seq_len"] + 1
         streams: dict[int, TokenStream] = {}  # opened on first use: each reads ahead a little
         while True:
-            rows = []
-            for _ in range(self.local_batch_size):
-                s = self._next_row % num_streams
-                if s not in streams:
-                    streams[s] = TokenStream(
-                        self.documents, self.tokenizer, num_streams, s, self.settings["seed"], self._states[s]
-                    )
-                rows.append(self._pack(streams[s], row_len))
-                self._next_row += self.dp_world_size
-            batch = torch.stack(rows).long()
+            try:
+                batch = self._next_batch(streams, num_streams, row_len)
+            except DataError as err:
+                if info is None:
+                    raise
+                yield err  # a worker hands bad data to the trainer to raise as it is (see TokenBatchLoader)
+                return
             yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+    def _next_batch(self, streams: dict[int, TokenStream], num_streams: int, row_len: int) -> torch.Tensor:
+        rows = []
+        for _ in range(self.local_batch_size):
+            s = self._next_row % num_streams
+            if s not in streams:
+                streams[s] = TokenStream(
+                    self.documents, self.tokenizer, num_streams, s, self.settings["seed"], self._states[s]
+                )
+            rows.append(self._pack(streams[s], row_len))
+            self._next_row += self.dp_world_size
+        return torch.stack(rows).long()
 
     def _initial_state(self) -> dict:
         streams = {str(s): StreamState().to_dict() for s in range(self.settings["num_streams"])}
@@ -168,7 +174,10 @@ class TokenBatchLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._batches is None:
             self._batches = iter(self._loader)
-        return next(self._batches)
+        batch = next(self._batches)
+        if isinstance(batch, DataError):  # raised in the worker, where torch would wrap it in a traceback
+            raise batch
+        return batch
 
     def state_dict(self) -> dict:
         if self._batches is None:
@@ -279,6 +288,26 @@ def _dataset_state(loader_state: dict, num_workers: int) -> dict:
         return loader_state["_snapshot"]["_worker_snapshots"]["worker_0"]["dataset_state"]
     except KeyError as err:
         raise RuntimeError(f"unexpected StatefulDataLoader state layout (missing {err}); torchdata version?") from err
+
+
+def _check_enough_documents(documents: Documents, num_streams: int) -> None:
+    """Every stream needs a document with text (map-style data, checked before training starts)."""
+    total = len(documents.dataset)
+    if total < num_streams:
+        raise DataError(
+            f"{documents.name} has {total} documents, fewer than num_streams={num_streams}; lower num_streams"
+        )
+    texts = count_texts(documents)
+    if texts == 0:
+        raise DataError(
+            f"{documents.name}: all {total} documents are empty in column {documents.text_column!r}; "
+            "check the text column (data.text_column) and the data"
+        )
+    if texts < num_streams:
+        raise DataError(
+            f"{documents.name} has {texts} non-empty documents (of {total}), fewer than num_streams={num_streams}; "
+            "lower num_streams"
+        )
 
 
 def _check_positive_int(name: str, value) -> None:
