@@ -168,7 +168,8 @@ def _unreadable_files_message(files: list[str], err: DatasetGenerationError) -> 
     if where:
         return where
     cause = err.__cause__ or err.__context__ or err
-    return f"cannot read the data files ({len(files)}, first {files[0]!r}): {type(cause).__name__}: {cause}"
+    reason = (str(cause).strip().splitlines() or [""])[0]
+    return f"cannot read the data files ({len(files)}, first {files[0]!r}): {type(cause).__name__}: {reason}"
 
 
 @contextlib.contextmanager

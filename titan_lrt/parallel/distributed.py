@@ -74,7 +74,7 @@ def _watch(store, rank: int) -> None:
             failed = store.get(FAILED_RANK_KEY).decode()
         except Exception:  # noqa: BLE001 - the store is gone (its host exited): the collectives will tell
             return
-        if _stop_watching.is_set():
+        if _stop_watching.is_set() or failed == str(rank):
             return
         print(f"[rank{rank}] rank {failed} failed; stopping this rank too", flush=True)
         sys.stderr.flush()
@@ -98,14 +98,15 @@ def shutdown(exit_code: int) -> None:
     (they stop within WATCH_INTERVAL_S), so that nobody waits for the
     process-group timeout in a collective or barrier the failed rank never reaches.
     """
-    _stop_watching.set()
     if dist.is_initialized():
         if exit_code == 0:
             try:
-                dist.barrier()
+                dist.barrier()  # still watched: a rank failing now stops this one too
             finally:
+                _stop_watching.set()
                 dist.destroy_process_group()
         else:
+            _stop_watching.set()
             _announce_failure(dist.get_rank())
     sys.stdout.flush()
     sys.stderr.flush()
