@@ -180,3 +180,21 @@ def test_deterministic_sets_the_cublas_workspace_before_cuda_starts(small_data, 
         with pytest.raises(RuntimeError, match="stop here"):
             Trainer(config)
         assert seen[-1] == expected
+
+
+def test_launcher_ends_a_crash_with_the_rank_and_the_exception(tmp_path):
+    """A crash (not a user error) keeps its traceback; the launcher's last line names rank and exception."""
+    script = tmp_path / "crash.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport titan_lrt.train as train\n"
+        "def main(argv):\n    raise ZeroDivisionError('the trainer divided by zero')\n"
+        "train.main = main\ntrain.run([])\n"
+    )
+    command = [sys.executable, str(ROOT / "run_train.sh"), "--torchrun", "--standalone", "--nproc_per_node=1",
+               str(script)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.stdout.splitlines()[-1] == (
+        "rank 0 failed: ZeroDivisionError: the trainer divided by zero (traceback above)"
+    ), out.stdout + out.stderr
+    assert "Traceback" in out.stderr and "ChildFailedError" not in out.stdout + out.stderr
