@@ -150,7 +150,9 @@ def test_run_train_sh_counts_the_gpus_cuda_visible_devices_leaves(tmp_path, visi
     the command run_train.sh would start."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "nvidia-smi").write_text("#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: Fake (UUID: GPU-$i)\"; done\n")
+    (fake / "nvidia-smi").write_text(
+        "#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: Fake (UUID: GPU-$i)\"; done\n"
+    )
     (fake / "nvidia-smi").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "NGPU", "LOCAL_RANK",
                                                               "TORCHELASTIC_RUN_ID")}

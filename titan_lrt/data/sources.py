@@ -109,8 +109,11 @@ def load_documents(
             dataset = datasets.load_dataset(
                 builder, data_files={split: files}, split=split, streaming=streaming, **kwargs
             )
-    except DatasetGenerationError as err:
-        raise DataError(_unreadable_files_message(files, err)) from None
+    except Exception as err:  # noqa: BLE001 - datasets' readers raise many kinds; a named bad line explains any
+        message = _unreadable_files_message(files, err)
+        if message is None:
+            raise
+        raise DataError(message) from None
     name = str(source) if isinstance(source, (str, Path)) else f"{len(files)} files"
     return _checked(Documents(dataset, text_column, f"{name}[{split}]", tuple(files)))
 
@@ -162,11 +165,14 @@ def undecodable_row_error(documents: Documents, row: int | str, err: UnicodeDeco
     )
 
 
-def _unreadable_files_message(files: list[str], err: DatasetGenerationError) -> str:
-    """Name the first bad line of `files` (found by reading them again), else the reader's own reason."""
+def _unreadable_files_message(files: list[str], err: Exception) -> str | None:
+    """Name the first bad line of `files` (found by reading them again), else give the reason of a
+    failed dataset generation; None for another error (not the data's)."""
     where = _first_bad_line(files)
     if where:
         return where
+    if not isinstance(err, DatasetGenerationError):
+        return None
     cause = err.__cause__ or err.__context__ or err
     reason = (str(cause).strip().splitlines() or [""])[0]
     return f"cannot read the data files ({len(files)}, first {files[0]!r}): {type(cause).__name__}: {reason}"
