@@ -13,7 +13,7 @@ import torch
 
 from titan_lrt.data.corpus import MANIFEST_NAME, ensure_stdlib_corpus, path_hash_fraction
 from titan_lrt.data.loader import PackedRowsDataset, build_dataloader, merge_loader_states
-from titan_lrt.data.sources import iter_texts, load_documents
+from titan_lrt.data.sources import DataError, iter_texts, load_documents
 from titan_lrt.data.streams import stream_document_order
 from titan_lrt.data.tokenizer import BOS_ID, BOS_TOKEN, Tokenizer, ensure_tokenizer, train_tokenizer
 
@@ -494,3 +494,39 @@ def test_data_package_imports_no_trainer_side_module():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
             assert not [n for n in names if n.startswith(forbidden)], (path.name, names)
+
+
+def test_bad_jsonl_lines_are_named_by_file_and_line(tmp_path):
+    good = [json.dumps({"text": f"document {i}"}).encode() for i in range(6)]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "train.jsonl").write_bytes(b"\n".join([*good[:3], b'{"text": 3,', *good[3:]]) + b"\n")
+    with pytest.raises(DataError, match=r"a/train.jsonl line 4: not valid JSON \(.*\); fix or remove the line"):
+        load_documents(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "train.jsonl").write_bytes(b"\n".join([*good, b"[1, 2]"]) + b"\n")
+    with pytest.raises(DataError, match=r"b/train.jsonl line 7: a JSON list, expected one object per line"):
+        load_documents(tmp_path / "b")
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_non_utf8_bytes_in_a_jsonl_string_fail_at_their_row_with_file_and_line(tmp_path, num_workers):
+    """They load (Arrow keeps the bytes) and fail when the loader reads the row, in the worker
+    too: the error arrives as the DataError itself, not wrapped in the worker's traceback."""
+    rows = [json.dumps({"text": f"document {i} " * 4}).encode() for i in range(10)]
+    rows[7] = b'{"text": "caf\xe9"}'
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    loader = build_dataloader(path, tokenizer=CharTokenizer(), seq_len=8, local_batch_size=2, num_streams=1,
+                              num_workers=num_workers)
+    with pytest.raises(DataError, match=r"train.jsonl line 8: not valid UTF-8 \(byte 0xe9 at column 14\); "
+                                        r"re-encode .* \(row 7 of .*train.jsonl\[train\]\)"):
+        take(loader, 100)
+
+
+def test_too_few_non_empty_documents_for_the_streams_is_named_up_front():
+    ds = datasets.Dataset.from_dict({"text": ["a", "", None, "b", "", ""]})
+    with pytest.raises(DataError, match=r"has 2 non-empty documents \(of 6\), fewer than num_streams=4; lower"):
+        PackedRowsDataset(load_documents(ds), CharTokenizer(), seq_len=4, local_batch_size=2, num_streams=4)
+    empty = datasets.Dataset.from_dict({"text": ["", None]})
+    with pytest.raises(DataError, match=r"all 2 documents are empty in column 'text'"):
+        PackedRowsDataset(load_documents(empty), CharTokenizer(), seq_len=4, local_batch_size=2, num_streams=1)

@@ -194,3 +194,55 @@ class socket_port:
 
     def __exit__(self, *exc):
         return False
+
+
+FAILING_RANK_WORKER = """
+import sys, time
+import torch, torch.distributed as dist
+from titan_lrt.parallel.distributed import init_distributed, shutdown
+
+info = init_distributed("cpu", timeout_s=float(sys.argv[1]))
+code = 1
+try:
+    dist.barrier()
+    if info.rank == 1:
+        print(f"raised at {time.time()}", flush=True)
+        raise RuntimeError("rank 1 fails mid-run")
+    time.sleep(120)  # a long step: rank 0 reaches no collective for a while
+    dist.all_reduce(torch.ones(8))
+    code = 0
+finally:
+    shutdown(code)
+"""
+
+
+def test_a_failing_rank_stops_the_others_well_before_the_process_group_timeout(tmp_path):
+    """Rank 1 raises while rank 0 is busy; rank 1 leaves at once (no shutdown barrier) and rank 0,
+    told through the store, stops within seconds rather than at its next collective or the timeout."""
+    timeout_s = 60
+    worker = tmp_path / "worker.py"
+    worker.write_text(FAILING_RANK_WORKER)
+    with socket_port() as port:
+        procs = []
+        for rank in range(2):
+            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                   "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
+                   "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+            procs.append(subprocess.Popen([sys.executable, str(worker), str(timeout_s)], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        exited = {}
+        deadline = time.time() + 3 * timeout_s
+        while len(exited) < 2 and time.time() < deadline:
+            for rank, proc in enumerate(procs):
+                if rank not in exited and proc.poll() is not None:
+                    exited[rank] = time.time()
+            time.sleep(0.05)
+        for proc in procs:
+            proc.kill()
+        outputs = [proc.communicate()[0] for proc in procs]
+    assert len(exited) == 2, outputs
+    raised = float(outputs[1].split("raised at ")[1].split()[0])
+    assert exited[1] - raised < 10, outputs  # no barrier waiting for rank 0
+    assert exited[0] - raised < 10, outputs  # 2 s apart at most in practice; the timeout is 60 s
+    assert "rank 1 failed; stopping this rank too" in outputs[0], outputs
+    assert [proc.returncode for proc in procs] == [1, 1], outputs

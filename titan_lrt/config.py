@@ -475,6 +475,11 @@ def validate(config: Config) -> None:
         raise ConfigError(f"training.spike_factor={t.spike_factor} must be > 1")
     if config.model.flavor not in FLAVORS:
         raise ConfigError(f"model.flavor={config.model.flavor!r}: allowed {sorted(FLAVORS)}")
+    if config.lrt.mode == "interleaved" and t.seq_len < config.lrt.num_subsets:
+        raise ConfigError(
+            f"training.seq_len={t.seq_len} is shorter than lrt.num_subsets={config.lrt.num_subsets}: every subset "
+            "needs a position; raise training.seq_len or lower lrt.num_subsets"
+        )
     cp = config.parallelism.context_parallel_degree
     if cp > 1:
         if t.seq_len % (2 * cp):

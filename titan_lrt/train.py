@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import sys
 import traceback
@@ -25,8 +26,10 @@ from titan_lrt.cpu_allocator import keep_freed_memory
 from titan_lrt.data.corpus import ensure_stdlib_corpus
 from titan_lrt.data.loader import build_dataloader, merge_loader_states
 from titan_lrt.data.prepared import require_data_source
+from titan_lrt.data.sources import DataError
 from titan_lrt.data.tokenizer import Tokenizer, ensure_tokenizer
 from titan_lrt.eval.bpb import evaluate_bpb
+from titan_lrt.launcher import report_crash, report_user_error
 from titan_lrt.guards import (
     MAX_ROLLBACKS_IN_A_ROW,
     LossSpikeError,
@@ -74,12 +77,15 @@ from titan_lrt.resume_settings import (
 logger = logging.getLogger("titan_lrt")
 
 MAX_SKIPPED_STEPS = 10
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
 
 
 class Trainer:
     def __init__(self, config: Config):
         self.config = config
         t = config.training
+        if t.deterministic:
+            _deterministic_cublas()  # before init_distributed starts CUDA
         self.dist: DistInfo = init_distributed(
             device=t.device, timeout_s=config.parallelism.process_group_timeout_seconds
         )
@@ -567,18 +573,21 @@ def _tokens_by_source_text(scalars: dict[str, float]) -> str:
     return "".join(f" | {name} {v / total:.1%}" for name, v in by_source.items())
 
 
+def _deterministic_cublas() -> None:
+    """cuBLAS is deterministic only with a fixed workspace, read from the environment when CUDA
+    starts (PyTorch's reproducibility notes); a value the user set is kept."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+
+
 
 
 def main(argv: list[str]) -> int:
     """Train; returns the process exit code."""
-    import os
-
     setup_logging(int(os.environ.get("RANK", "0")))
     try:
         config, print_only = load_config(argv)
     except ConfigError as e:
-        logger.error(f"config error: {e}")
-        return 2
+        return _user_error(f"config error: {e}", 2)
     if print_only:
         print(config.to_toml())
         return 0
@@ -587,14 +596,19 @@ def main(argv: list[str]) -> int:
         trainer = Trainer(config)
         trainer.resume()
     except (ValueError, FileNotFoundError) as e:  # bad config, data path or checkpoint
-        logger.error(f"error: {e}")
-        return 2
+        return _user_error(f"error: {e}", 2)
     try:
         trainer.train(stop)
+    except DataError as e:  # a bad row met mid-run; nothing was saved after the last checkpoint
+        return _user_error(f"error: {e}", 2)
     except TrainingHalted as e:
-        logger.error(str(e))
-        return 3
+        return _user_error(str(e), 3)
     return 0
+
+
+def _user_error(message: str, exit_code: int) -> int:
+    report_user_error(message, exit_code)
+    return exit_code
 
 
 def run(argv: list[str]) -> None:
@@ -602,8 +616,9 @@ def run(argv: list[str]) -> None:
     code = 1
     try:
         code = main(argv)
-    except BaseException:  # noqa: BLE001 - reported here: shutdown() exits without unwinding
+    except BaseException as e:  # noqa: BLE001 - reported here: shutdown() exits without unwinding
         traceback.print_exc()
+        report_crash(e)
     finally:
         shutdown(code)
 

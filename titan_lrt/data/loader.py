@@ -37,7 +37,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from titan_lrt.data.mixture import Mixture
 from titan_lrt.data.packing import row_packer
 from titan_lrt.data.prepared import PreparedSplit, open_source
-from titan_lrt.data.sources import Documents
+from titan_lrt.data.sources import DataError, Documents
 from titan_lrt.data.streams import RawSource, StreamState, TextEncoder
 
 NUM_WORKERS = (0, 1)
@@ -131,15 +131,24 @@ class PackedRowsDataset(IterableDataset):
         num_streams, row_len = self.settings["num_streams"], self.settings["seq_len"] + 1
         streams: dict = {}  # opened on first use: each reads ahead a little
         while True:
-            rows = []
-            for _ in range(self.local_batch_size):
-                s = self._next_row % num_streams
-                if s not in streams:
-                    streams[s] = self.source.open_stream(num_streams, s, self.settings["seed"], self._states[s])
-                rows.append(self._pack(streams[s], row_len))
-                self._next_row += self.dp_world_size
-            batch = torch.stack(rows).long()
+            try:
+                batch = self._next_batch(streams, num_streams, row_len)
+            except DataError as err:
+                if info is None:
+                    raise
+                yield err  # a worker hands bad data to the trainer to raise as it is (see TokenBatchLoader)
+                return
             yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+    def _next_batch(self, streams: dict, num_streams: int, row_len: int) -> torch.Tensor:
+        rows = []
+        for _ in range(self.local_batch_size):
+            s = self._next_row % num_streams
+            if s not in streams:
+                streams[s] = self.source.open_stream(num_streams, s, self.settings["seed"], self._states[s])
+            rows.append(self._pack(streams[s], row_len))
+            self._next_row += self.dp_world_size
+        return torch.stack(rows).long()
 
     def _initial_state(self) -> dict:
         streams = {str(s): StreamState().to_dict() for s in range(self.settings["num_streams"])}
@@ -172,7 +181,10 @@ class TokenBatchLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._batches is None:
             self._batches = iter(self._loader)
-        return next(self._batches)
+        batch = next(self._batches)
+        if isinstance(batch, DataError):  # raised in the worker, where torch would wrap it in a traceback
+            raise batch
+        return batch
 
     def state_dict(self) -> dict:
         if self._batches is None:
@@ -285,6 +297,7 @@ def _dataset_state(loader_state: dict, num_workers: int) -> dict:
         return loader_state["_snapshot"]["_worker_snapshots"]["worker_0"]["dataset_state"]
     except KeyError as err:
         raise RuntimeError(f"unexpected StatefulDataLoader state layout (missing {err}); torchdata version?") from err
+
 
 
 def _check_positive_int(name: str, value) -> None:

@@ -23,6 +23,7 @@ all a resume needs (the tokens of the current document are recomputed).
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -31,7 +32,7 @@ from typing import NamedTuple, Protocol
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from titan_lrt.data.sources import Documents, column_text, example_text
+from titan_lrt.data.sources import DataError, Documents, column_text, count_texts, example_text, undecodable_row_error
 
 # Documents are tokenized in chunks of up to this many documents or characters:
 # enough for the tokenizer's batch parallelism, little buffered per stream.
@@ -94,9 +95,9 @@ def read_stream(
             found = True
             yield document
         if not found and doc == 0:  # a whole epoch without a document
-            raise ValueError(
-                f"stream {stream} of {num_streams} has no non-empty document in {documents.name}; "
-                "use fewer streams or more data"
+            raise DataError(
+                f"stream {stream} of {num_streams} has no non-empty document in {documents.name} "
+                f"(column {documents.text_column!r}); lower num_streams, or check the text column and the data"
             )
         epoch, doc, source = epoch + 1, 0, None
 
@@ -105,7 +106,7 @@ def _read_map_style(documents, num_streams, stream, seed, epoch, doc, source) ->
     order = stream_document_order(len(documents.dataset), num_streams, stream, epoch, seed)
     for start in range(doc, len(order), DOCS_PER_CHUNK):
         indices = order[start : start + DOCS_PER_CHUNK].tolist()
-        values = documents.dataset[indices][documents.text_column]
+        values = _texts_of_rows(documents, indices)
         for j, value in enumerate(values, start):
             text = column_text(value, documents)
             if text:
@@ -117,11 +118,31 @@ def _read_streaming(documents, num_streams, stream, seed, epoch, doc, source) ->
     if source is not None:
         shard.load_state_dict(source)
     before = source
-    for j, example in enumerate(shard, doc):
+    examples = iter(shard)
+    for j in itertools.count(doc):
+        try:
+            example = next(examples, None)
+        except UnicodeDecodeError as err:
+            raise undecodable_row_error(documents, f"{j} of stream {stream}", err) from None
+        if example is None:
+            return
         text = example_text(example, documents)
         if text:
             yield Document(epoch, j, text, before)
         before = shard.state_dict()
+
+
+def _texts_of_rows(documents: Documents, indices: list[int]) -> list:
+    """The text column of these rows; a row whose bytes are not UTF-8 is named in a DataError."""
+    try:
+        return documents.dataset[indices][documents.text_column]
+    except UnicodeDecodeError:
+        for i in indices:  # find the row
+            try:
+                documents.dataset[i]
+            except UnicodeDecodeError as err:
+                raise undecodable_row_error(documents, i, err) from None
+        raise
 
 
 class TokenStream:
@@ -176,11 +197,28 @@ class RawSource:
         self.documents, self.tokenizer, self.name = documents, tokenizer, documents.name
 
     def check_streams(self, num_streams: int) -> None:
-        if not self.documents.streaming and len(self.documents.dataset) < num_streams:
-            raise ValueError(
-                f"{self.name} has {len(self.documents.dataset)} documents, fewer than "
-                f"num_streams={num_streams}; lower num_streams"
-            )
+        if not self.documents.streaming:
+            check_enough_documents(self.documents, num_streams)
 
     def open_stream(self, num_streams: int, stream: int, seed: int, state: StreamState) -> TokenStream:
         return TokenStream(self.documents, self.tokenizer, num_streams, stream, seed, state)
+
+
+def check_enough_documents(documents: Documents, num_streams: int) -> None:
+    """Every stream needs a document with text (map-style data, checked before training starts)."""
+    total = len(documents.dataset)
+    if total < num_streams:
+        raise DataError(
+            f"{documents.name} has {total} documents, fewer than num_streams={num_streams}; lower num_streams"
+        )
+    texts = count_texts(documents)
+    if texts == 0:
+        raise DataError(
+            f"{documents.name}: all {total} documents are empty in column {documents.text_column!r}; "
+            "check the text column (data.text_column) and the data"
+        )
+    if texts < num_streams:
+        raise DataError(
+            f"{documents.name} has {texts} non-empty documents (of {total}), fewer than num_streams={num_streams}; "
+            "lower num_streams"
+        )

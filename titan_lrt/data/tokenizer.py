@@ -23,7 +23,7 @@ import tokenizers
 import torch
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from titan_lrt.data.sources import iter_texts, load_documents
+from titan_lrt.data.sources import DataError, iter_texts, load_documents
 
 BOS_TOKEN = "<|bos|>"
 BOS_ID = 0
@@ -48,7 +48,14 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
-        return cls(tokenizers.Tokenizer.from_file(str(path)), bos_token=bos_token, name=str(path))
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception for a bad file
+            raise DataError(
+                f"tokenizer file {str(path)!r} is not a readable tokenizer.json ({str(e).splitlines()[0]}); "
+                "give another file or train one with tools/train_tokenizer.py"
+            ) from None
+        return cls(tok, bos_token=bos_token, name=str(path))
 
     def save(self, path: str | Path) -> None:
         """Write `tokenizer.json` atomically (a temporary file renamed into place)."""

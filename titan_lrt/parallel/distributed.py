@@ -6,6 +6,7 @@ import datetime
 import os
 import random
 import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,7 @@ def init_distributed(*, device: str, timeout_s: float) -> DistInfo:
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=dev if use_cuda else None,
         )
+        _watch_for_failed_ranks(rank)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
@@ -74,17 +76,64 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# A failing rank leaves its rank under this key of the process group's store; the
+# others poll for it and stop too, instead of waiting in their next collective
+# (NCCL: until the process-group timeout) for a rank that is gone.
+FAILED_RANK_KEY = "titan_lrt/failed_rank"
+WATCH_INTERVAL_S = 1.0
+_stop_watching = threading.Event()
+
+
+def _watch_for_failed_ranks(rank: int) -> None:
+    try:
+        store = dist.distributed_c10d._get_default_store().clone()  # its own connection: polled from a thread
+    except Exception:  # noqa: BLE001 - a store without clone(): no watch, the collectives' timeout still holds
+        return
+    threading.Thread(target=_watch, args=(store, rank), name="titan_lrt-failed-rank-watch", daemon=True).start()
+
+
+def _watch(store, rank: int) -> None:
+    while not _stop_watching.wait(WATCH_INTERVAL_S):
+        try:
+            if not store.check([FAILED_RANK_KEY]):
+                continue
+            failed = store.get(FAILED_RANK_KEY).decode()
+        except Exception:  # noqa: BLE001 - the store is gone (its host exited): the collectives will tell
+            return
+        if _stop_watching.is_set() or failed == str(rank):
+            return
+        print(f"[rank{rank}] rank {failed} failed; stopping this rank too", flush=True)
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def _announce_failure(rank: int) -> None:
+    try:
+        dist.distributed_c10d._get_default_store().set(FAILED_RANK_KEY, str(rank))
+    except Exception:  # noqa: BLE001 - best effort: the others then fail in their next collective
+        pass
+
+
 def shutdown(exit_code: int) -> None:
     """Leave the process group and exit without running interpreter teardown.
 
     gloo processes can abort at interpreter exit after an FSDP backward; tearing
-    the group down, flushing and exiting immediately avoids that.
+    the group down, flushing and exiting immediately avoids that. Only a clean
+    exit (code 0, every rank finished the same steps) waits for the others in a
+    barrier. A failing rank leaves at once and tells the others through the store
+    (they stop within WATCH_INTERVAL_S), so that nobody waits for the
+    process-group timeout in a collective or barrier the failed rank never reaches.
     """
     if dist.is_initialized():
-        try:
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+        if exit_code == 0:
+            try:
+                dist.barrier()  # still watched: a rank failing now stops this one too
+            finally:
+                _stop_watching.set()
+                dist.destroy_process_group()
+        else:
+            _stop_watching.set()
+            _announce_failure(dist.get_rank())
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(exit_code)
