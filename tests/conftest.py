@@ -9,8 +9,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from titan_lrt.data.corpus import ensure_stdlib_corpus  # noqa: E402
-from titan_lrt.data.tokenizer import ensure_tokenizer  # noqa: E402
+from titan_lrt.data.corpus import ensure_stdlib_corpus
+from titan_lrt.data.tokenizer import ensure_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -38,12 +38,22 @@ def tiny_args(small_data, dump: Path, *extra: str) -> list[str]:
         f"--job.dump_folder={dump}",
         f"--data.dataset={corpus}",
         f"--model.tokenizer_path={tokenizer}",
-        "--model.n_layers=2", "--model.dim=64", "--model.n_heads=2",
-        "--lrt.mode=interleaved", "--lrt.num_subsets=2",
-        "--training.seq_len=64", "--training.local_batch_size=4", "--training.mixed_precision=float32",
-        "--data.num_streams=4", "--data.num_workers=0",
-        "--optimizer.lr=0.01", "--lr_scheduler.warmup_steps=2", "--lr_scheduler.decay_ratio=0",
-        "--metrics.log_freq=1", "--eval.interval=0", "--checkpoint.interval=1000",
+        "--model.n_layers=2",
+        "--model.dim=64",
+        "--model.n_heads=2",
+        "--lrt.mode=interleaved",
+        "--lrt.num_subsets=2",
+        "--training.seq_len=64",
+        "--training.local_batch_size=4",
+        "--training.mixed_precision=float32",
+        "--data.num_streams=4",
+        "--data.num_workers=0",
+        "--optimizer.lr=0.01",
+        "--lr_scheduler.warmup_steps=2",
+        "--lr_scheduler.decay_ratio=0",
+        "--metrics.log_freq=1",
+        "--eval.interval=0",
+        "--checkpoint.interval=1000",
         *extra,
     ]
 
@@ -57,8 +67,16 @@ def trained_run(small_data, tmp_path_factory):
     from titan_lrt.train import Trainer
 
     dump = tmp_path_factory.mktemp("trained_run")
-    config, _ = load_config(tiny_args(small_data, dump, "--training.steps=2", "--checkpoint.interval=2",
-                                      "--eval.interval=2", "--eval.exact_sequences=1"))
+    config, _ = load_config(
+        tiny_args(
+            small_data,
+            dump,
+            "--training.steps=2",
+            "--checkpoint.interval=2",
+            "--eval.interval=2",
+            "--eval.exact_sequences=1",
+        )
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     trainer = Trainer(config)
@@ -74,5 +92,3 @@ def scalars(tb_folder: Path, tag: str) -> dict[int, float]:
     acc = EventAccumulator(str(tb_folder))
     acc.Reload()
     return {e.step: e.value for e in acc.Scalars(tag)}
-
-

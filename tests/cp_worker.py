@@ -14,16 +14,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.distributed._functional_collectives as funcol  # noqa: E402
-from lrt_reference import tiny_args, tiny_model  # noqa: E402
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from lrt_reference import tiny_args, tiny_model
 
-from titan_lrt.model.schedule import pass_target_counts, run_schedule  # noqa: E402
-from titan_lrt.model.transformer import IGNORE_INDEX  # noqa: E402
-from titan_lrt.parallel import collectives  # noqa: E402
-from titan_lrt.parallel.context_parallel import ContextParallel  # noqa: E402
+from titan_lrt.model.schedule import pass_target_counts, run_schedule
+from titan_lrt.model.transformer import IGNORE_INDEX
+from titan_lrt.parallel import collectives
+from titan_lrt.parallel.context_parallel import ContextParallel
 
 CASES = {
     "baseline": (64, {"lrt": {"mode": "off"}}),
@@ -32,15 +32,19 @@ CASES = {
     # 40 positions, chunks of 10: ranks hold unequal numbers of each subset (padded gathers)
     "lrt_s3_uneven": (40, {"lrt": {"num_subsets": 3}}),
     "lrt_s2_refresh_layerwise_mid_source": (
-        32, {"lrt": {"num_subsets": 2, "kv_refresh": True, "projection": "layerwise", "source_layer": 1}}),
+        32,
+        {"lrt": {"num_subsets": 2, "kv_refresh": True, "projection": "layerwise", "source_layer": 1}},
+    ),
     "lrt_s4_detached_refresh": (32, {"lrt": {"num_subsets": 4, "detach_buffer": True, "kv_refresh": True}}),
     "lrt_s2_windows": (32, {"window_pattern": "SL", "short_window": 5, "lrt": {"num_subsets": 2}}),
     "jacobi": (32, {"lrt": {"mode": "jacobi", "jacobi_passes": 3}}),
     # the FlexAttention path (what "auto" takes on CUDA): block masks from the query runs;
     # forward only (FlexAttention has no backward on CPU)
     "lrt_s2_flex": (32, {"attention_backend": "flex", "lrt": {"num_subsets": 2}}),
-    "lrt_s2_windows_flex": (32, {"attention_backend": "flex", "window_pattern": "SL", "short_window": 5,
-                                 "lrt": {"num_subsets": 2}}),
+    "lrt_s2_windows_flex": (
+        32,
+        {"attention_backend": "flex", "window_pattern": "SL", "short_window": 5, "lrt": {"num_subsets": 2}},
+    ),
 }
 
 FP32_CASES = ("baseline", "lrt_s2", "lrt_s4")
@@ -55,7 +59,7 @@ def batch(args, T: int, C: int):
     g = torch.Generator().manual_seed(11)
     tokens = torch.randint(2, args.vocab_size, (2, T), generator=g)
     c = T // (2 * C)
-    tokens[0, [0, c, 3 * c]] = args.bos_token_id          # 3 documents, starts on two chunk borders
+    tokens[0, [0, c, 3 * c]] = args.bos_token_id  # 3 documents, starts on two chunk borders
     tokens[1, [2 * c, 2 * c + 3, T - 1]] = args.bos_token_id  # no BOS at 0; 3 starts, one on a border
     targets = torch.randint(2, args.vocab_size, (2, T), generator=torch.Generator().manual_seed(5))
     targets[0, c - 1] = IGNORE_INDEX
@@ -72,8 +76,14 @@ def run(model, tokens, targets, layout=None):
     if model.args.attention_backend == "flex":
         with torch.no_grad():
             return run_schedule(model, tokens, targets, loss_denominators=counts(model, targets), layout=layout), {}
-    result = run_schedule(model, tokens, targets, backward=lambda loss, last: loss.backward(),
-                          loss_denominators=counts(model, targets), layout=layout)
+    result = run_schedule(
+        model,
+        tokens,
+        targets,
+        backward=lambda loss, last: loss.backward(),
+        loss_denominators=counts(model, targets),
+        layout=layout,
+    )
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     return result, grads
 
@@ -105,8 +115,9 @@ def compare(name: str, T: int, overrides: dict, cp: ContextParallel, dtype: torc
     for k, mine in enumerate(sets):
         gathered = [torch.zeros_like(mine) for _ in range(cp.degree)]
         dist.all_gather(gathered, mine, group=cp.group)
-        diffs[f"positions_not_covered_once_{k}"] = float(not torch.equal(torch.cat(gathered).sort().values,
-                                                                        torch.arange(T)))
+        diffs[f"positions_not_covered_once_{k}"] = float(
+            not torch.equal(torch.cat(gathered).sort().values, torch.arange(T))
+        )
     if not single_grads:
         return diffs
     grad = grad_rel = 0.0
@@ -141,7 +152,7 @@ def gather_branches(cp: ContextParallel) -> dict[str, float]:
     rank, world = cp.rank, cp.degree
     expected = torch.cat([gather_piece(q) for q in range(world)], dim=1)
     start = sum(GATHER_COUNTS[:rank])
-    expected_grad = sum(gather_weight(q) for q in range(world))[:, start:start + GATHER_COUNTS[rank]]
+    expected_grad = sum(gather_weight(q) for q in range(world))[:, start : start + GATHER_COUNTS[rank]]
     diffs, results = {}, {}
     for branch in ("native", "fallback"):
         calls = []
@@ -171,8 +182,11 @@ def main(out: str) -> None:
     dist.init_process_group("gloo")
     cp = ContextParallel(dist.group.WORLD)
     results = {
-        str(dtype): {name: compare(name, T, overrides, cp, dtype) for name, (T, overrides) in CASES.items()
-                     if dtype == torch.float64 or name in FP32_CASES}
+        str(dtype): {
+            name: compare(name, T, overrides, cp, dtype)
+            for name, (T, overrides) in CASES.items()
+            if dtype == torch.float64 or name in FP32_CASES
+        }
         for dtype in (torch.float32, torch.float64)
     }
     mine = gather_branches(cp)

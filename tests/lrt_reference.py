@@ -12,8 +12,15 @@ def tiny_args(**overrides) -> ModelArgs:
     """A small model that still exercises GQA, value embeddings and several layers."""
     lrt = overrides.pop("lrt", {})
     base = dict(
-        vocab_size=61, n_layers=3, dim=32, n_heads=4, n_kv_heads=2, max_seq_len=64, value_embeds="alternate",
-        gate_channels=8, bos_token_id=1,
+        vocab_size=61,
+        n_layers=3,
+        dim=32,
+        n_heads=4,
+        n_kv_heads=2,
+        max_seq_len=64,
+        value_embeds="alternate",
+        gate_channels=8,
+        bos_token_id=1,
     )
     base.update(overrides)
     return ModelArgs(**base, lrt=LRTArgs(**{"mode": "interleaved", **lrt}))

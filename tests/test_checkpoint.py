@@ -167,7 +167,7 @@ def step_folders(folder: Path) -> list[str]:
 def test_round_trip_restores_every_state(tmp_path):
     a = make_run(0)
     train(a, 3)
-    saver = manager(tmp_path, a, run_config='[training]\nsteps = 3\n')
+    saver = manager(tmp_path, a, run_config="[training]\nsteps = 3\n")
     assert saver.save(3)
     expected, expected_draws = snapshot(a), draws()
     train(a, 2)
@@ -186,7 +186,7 @@ def test_round_trip_restores_every_state(tmp_path):
 
     assert step_folders(tmp_path) == ["step-00000003"]
     folder = tmp_path / "step-00000003"
-    assert (folder / "config.toml").read_text() == '[training]\nsteps = 3\n'
+    assert (folder / "config.toml").read_text() == "[training]\nsteps = 3\n"
     marker = json.loads((folder / MARKER).read_text())
     assert marker["step"] == 3 and marker["world_size"] == 1 and ".metadata" in marker["files"]
 
@@ -366,16 +366,22 @@ class _Holder:
 def test_no_code_runs_from_a_crafted_value_in_the_data_file(tmp_path):
     """DCP's own loader torch.loads non-tensor values with weights_only=False; ours refuses globals."""
     run = make_run(0)
-    CheckpointManager(tmp_path, {"model": ModelWrapper(run.model), "extra": _Holder(_Payload(tmp_path / "pwned"))},
-                      **SETTINGS).save(1)
+    CheckpointManager(
+        tmp_path, {"model": ModelWrapper(run.model), "extra": _Holder(_Payload(tmp_path / "pwned"))}, **SETTINGS
+    ).save(1)
     assert not (tmp_path / "pwned").exists()
     fresh = CheckpointManager(tmp_path, {"model": ModelWrapper(make_run(1).model), "extra": _Holder(0)}, **SETTINGS)
     with pytest.raises(ValueError, match=r"could not be read: UnpicklingError: .*Unsupported global: GLOBAL io.open"):
         fresh.load()
     assert not (tmp_path / "pwned").exists()
-    CheckpointManager(tmp_path / "plain", {"model": ModelWrapper(run.model), "extra": _Holder([3, 0.5])}, **SETTINGS).save(500)
+    CheckpointManager(
+        tmp_path / "plain", {"model": ModelWrapper(run.model), "extra": _Holder([3, 0.5])}, **SETTINGS
+    ).save(500)
     holder = _Holder(None)
-    assert CheckpointManager(tmp_path / "plain", {"model": ModelWrapper(run.model), "extra": holder}, **SETTINGS).load() == 500
+    assert (
+        CheckpointManager(tmp_path / "plain", {"model": ModelWrapper(run.model), "extra": holder}, **SETTINGS).load()
+        == 500
+    )
     assert holder.value == [3, 0.5]  # plain values still load
 
 
@@ -387,10 +393,18 @@ def test_a_checkpoint_with_pickled_per_rank_states_resumes_nothing_but_gives_its
     dcp.save(state, checkpoint_id=str(folder), no_dist=True)
     write_marker(folder, step=3, world_size=1)
     with pytest.raises(ValueError, match=r"holds 'train_state.rank0' as a pickle .* never unpickled"):
-        CheckpointManager(tmp_path / "old", {"model": ModelWrapper(make_run(1).model), "train_state": TrainState()}, **SETTINGS).load()
+        CheckpointManager(
+            tmp_path / "old", {"model": ModelWrapper(make_run(1).model), "train_state": TrainState()}, **SETTINGS
+        ).load()
     fresh = make_run(1)
-    assert CheckpointManager(tmp_path / "new", {"model": ModelWrapper(fresh.model), "train_state": TrainState()},
-                             **{**SETTINGS, "initial_load_path": folder}).load() == 0
+    assert (
+        CheckpointManager(
+            tmp_path / "new",
+            {"model": ModelWrapper(fresh.model), "train_state": TrainState()},
+            **{**SETTINGS, "initial_load_path": folder},
+        ).load()
+        == 0
+    )
     assert_equal(snapshot(fresh)["model"], snapshot(run)["model"])
 
 
@@ -399,8 +413,10 @@ def test_per_rank_states_are_json_not_pickle(tmp_path):
     train(run, 2)
     manager(tmp_path, run).save(2)
     metadata = dcp.FileSystemReader(str(tmp_path / "step-00000002")).read_metadata()
-    state = {"train_state.rank0": torch.empty(metadata.state_dict_metadata["train_state.rank0"].size, dtype=torch.uint8),
-             "dataloader.rank0": torch.empty(metadata.state_dict_metadata["dataloader.rank0"].size, dtype=torch.uint8)}
+    state = {
+        "train_state.rank0": torch.empty(metadata.state_dict_metadata["train_state.rank0"].size, dtype=torch.uint8),
+        "dataloader.rank0": torch.empty(metadata.state_dict_metadata["dataloader.rank0"].size, dtype=torch.uint8),
+    }
     dcp.load(state, checkpoint_id=str(tmp_path / "step-00000002"), no_dist=True)
     train_state = json.loads(bytes(state["train_state.rank0"].numpy()))
     assert (train_state["step"], train_state["tokens_seen"]) == (2, 2 * 34)
@@ -418,8 +434,11 @@ def test_when_no_step_folder_loads_the_start_fails_instead_of_starting_fresh(tmp
     os.truncate(tmp_path / "step-00000002" / "__0_0.distcp", 10)
     fresh = make_run(1)
     before = snapshot(fresh)
-    with pytest.raises(ValueError, match=r"no checkpoint in .* can be loaded \(step-00000002: file __0_0.distcp has 10 "
-                                         r"bytes.*; step-00000001: file __0_0.distcp is damaged: its crc32 is"):
+    with pytest.raises(
+        ValueError,
+        match=r"no checkpoint in .* can be loaded \(step-00000002: file __0_0.distcp has 10 "
+        r"bytes.*; step-00000001: file __0_0.distcp is damaged: its crc32 is",
+    ):
         manager(tmp_path, fresh).load()
     assert_equal(snapshot(fresh), before)
     assert manager(tmp_path, fresh, load="none").load() is None
@@ -500,7 +519,11 @@ def test_non_finite_states_are_never_saved(tmp_path, caplog, where):
     with caplog.at_level(logging.ERROR, logger="titan_lrt.checkpoint"):
         assert not ckpt.save(2)
     key = "model.layers.1.attention.wq.weight" if where == "model" else "optimizer.state.lm_head.weight.exp_avg_sq"
-    assert caplog.records[-1].getMessage().startswith(f"checkpoint step 2 NOT saved: non-finite values (nan/inf) in '{key}'")
+    assert (
+        caplog.records[-1]
+        .getMessage()
+        .startswith(f"checkpoint step 2 NOT saved: non-finite values (nan/inf) in '{key}'")
+    )
     assert ckpt.refused == caplog.records[-1].getMessage()
     assert step_folders(tmp_path) == ["step-00000001"]
     assert manager(tmp_path, make_run(1)).load() == 1
@@ -511,7 +534,9 @@ def small_disk(tmp_path):
     """A 4 MB tmpfs (root only); None where mounting is not allowed."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, check=False).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, check=False
+    ).returncode:
         yield None
         return
     yield mount
@@ -536,8 +561,11 @@ def test_a_full_disk_says_so_and_the_next_start_resumes(tmp_path, small_disk, mo
 
         monkeypatch.setattr(dcp, "save", full_disk)
     ckpt = manager(folder, run)
-    with pytest.raises(OSError, match=r"no space left on device: checkpoint step 1 could not be written to "
-                                      r".*step-00000001.partial \(this rank's states take [\d.]+ MB, [\d.]+ MB"):
+    with pytest.raises(
+        OSError,
+        match=r"no space left on device: checkpoint step 1 could not be written to "
+        r".*step-00000001.partial \(this rank's states take [\d.]+ MB, [\d.]+ MB",
+    ):
         ckpt.save(1)
     assert [p.name for p in folder.iterdir() if p.name.startswith("step")] == []  # nothing half-written is left
     monkeypatch.undo()

@@ -31,8 +31,17 @@ def test_cli_overrides_in_both_spellings_booleans_and_lists(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('[training]\nsteps = 7\n[lrt]\nmode = "jacobi"\n[model]\ndim = 128\n')
     config, print_only = load_config(
-        ["--config", str(toml), "--training.steps=9", "--lrt.jacobi_passes", "3",
-         "--lrt.jacobi_weights=0.5,1,2", "--lrt.detach_buffer", "--checkpoint.enable=false", "--print-config"]
+        [
+            "--config",
+            str(toml),
+            "--training.steps=9",
+            "--lrt.jacobi_passes",
+            "3",
+            "--lrt.jacobi_weights=0.5,1,2",
+            "--lrt.detach_buffer",
+            "--checkpoint.enable=false",
+            "--print-config",
+        ]
     )
     assert print_only
     assert config.training.steps == 9 and config.lrt.mode == "jacobi" and config.lrt.jacobi_passes == 3
@@ -74,8 +83,10 @@ def test_resolved_config_reads_back_identically(tmp_path):
         (["--optimizer.lr=inf"], "optimizer.lr=inf must be a finite number >= 0"),
         (["--lr_scheduler.decay_ratio=-0.5"], "lr_scheduler.decay_ratio=-0.5 must be in [0, 1]"),
         (["--training.global_batch_size=-8"], "training.global_batch_size=-8 must be >= 0"),
-        (["--activation_checkpoint.mode=selective", "--activation_checkpoint.selective_ac_option=every"],
-         "activation_checkpoint.selective_ac_option='every': allowed \"op\" or a positive integer N"),
+        (
+            ["--activation_checkpoint.mode=selective", "--activation_checkpoint.selective_ac_option=every"],
+            "activation_checkpoint.selective_ac_option='every': allowed \"op\" or a positive integer N",
+        ),
         (["--config", "/nonexistent.toml"], "--config /nonexistent.toml: no such file"),
         (["positional"], "unexpected argument 'positional'"),
     ],

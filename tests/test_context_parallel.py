@@ -34,20 +34,39 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def worker_diffs(tmp_path_factory):
     out = tmp_path_factory.mktemp("cp") / "diffs.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "tests" / "cp_worker.py"), str(out)]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "tests" / "cp_worker.py"),
+        str(out),
+    ]
+    run = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     return json.loads(out.read_text())
 
 
-CASES = ["baseline", "lrt_s2", "lrt_s4", "lrt_s3_uneven", "lrt_s2_refresh_layerwise_mid_source",
-         "lrt_s4_detached_refresh", "lrt_s2_windows", "jacobi", "lrt_s2_flex", "lrt_s2_windows_flex"]
+CASES = [
+    "baseline",
+    "lrt_s2",
+    "lrt_s4",
+    "lrt_s3_uneven",
+    "lrt_s2_refresh_layerwise_mid_source",
+    "lrt_s4_detached_refresh",
+    "lrt_s2_windows",
+    "jacobi",
+    "lrt_s2_flex",
+    "lrt_s2_windows_flex",
+]
 
 
-PARAMS = ([(case, "torch.float32", 1e-5) for case in ("baseline", "lrt_s2", "lrt_s4")]
-          + [(case, "torch.float64", 1e-10) for case in CASES])
+PARAMS = [(case, "torch.float32", 1e-5) for case in ("baseline", "lrt_s2", "lrt_s4")] + [
+    (case, "torch.float64", 1e-10) for case in CASES
+]
 
 
 @pytest.mark.parametrize("case, dtype, tol", PARAMS)
@@ -103,13 +122,21 @@ def _tags(dump: Path) -> set[str]:
 
 def cp_args(small_data, dump, nproc, *extra):
     """4 sequences of 64 tokens per step, 4 steps, a checkpoint at step 2."""
-    return tiny_args(small_data, dump, f"--training.steps={STEPS}", "--training.global_batch_size=4",
-                     "--checkpoint.interval=2", *extra)
+    return tiny_args(
+        small_data,
+        dump,
+        f"--training.steps={STEPS}",
+        "--training.global_batch_size=4",
+        "--checkpoint.interval=2",
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
 def runs(small_data, tmp_path_factory):
-    return run_cache(tmp_path_factory.mktemp("cp_runs"), lambda dump, nproc, *extra: cp_args(small_data, dump, nproc, *extra))
+    return run_cache(
+        tmp_path_factory.mktemp("cp_runs"), lambda dump, nproc, *extra: cp_args(small_data, dump, nproc, *extra)
+    )
 
 
 SCHEDULES = {
@@ -140,8 +167,14 @@ def test_trainer_cp2_times_dp2_matches_one_process(runs, dp):
     (fsdp) or replicated twice and sharded over the 2 CP ranks (hsdp)."""
     one = runs("one_lrt_s2", 1, *SCHEDULES["lrt_s2"])
     replicate = ("--parallelism.data_parallel_replicate_degree=2",) if dp == "hsdp" else ()
-    both = runs(f"cp2_{dp}2_lrt_s2", 4, *SCHEDULES["lrt_s2"], "--parallelism.context_parallel_degree=2",
-                "--training.local_batch_size=2", *replicate)
+    both = runs(
+        f"cp2_{dp}2_lrt_s2",
+        4,
+        *SCHEDULES["lrt_s2"],
+        "--parallelism.context_parallel_degree=2",
+        "--training.local_batch_size=2",
+        *replicate,
+    )
     assert_same_run(one, both)
 
 
@@ -166,13 +199,14 @@ def test_checkpoint_moves_between_cp_and_no_cp(runs, small_data, tmp_path, befor
 
 
 def test_seq_len_must_split_into_2_x_degree_chunks(small_data, tmp_path):
-    with pytest.raises(ConfigError, match=r"training.seq_len=60 must be a multiple of 2 x "
-                                          r"parallelism.context_parallel_degree = 8"):
-        load_config(tiny_args(small_data, tmp_path, "--training.seq_len=60",
-                              "--parallelism.context_parallel_degree=4"))
+    with pytest.raises(
+        ConfigError,
+        match=r"training.seq_len=60 must be a multiple of 2 x "
+        r"parallelism.context_parallel_degree = 8",
+    ):
+        load_config(tiny_args(small_data, tmp_path, "--training.seq_len=60", "--parallelism.context_parallel_degree=4"))
     with pytest.raises(ConfigError, match=r"lrt.num_subsets=16 .* parallelism.context_parallel_degree=4"):
-        load_config(tiny_args(small_data, tmp_path, "--lrt.num_subsets=16",
-                              "--parallelism.context_parallel_degree=4"))
+        load_config(tiny_args(small_data, tmp_path, "--lrt.num_subsets=16", "--parallelism.context_parallel_degree=4"))
     with pytest.raises(ConfigError, match=r"parallelism.context_parallel_degree=0 must be >= 1"):
         load_config(tiny_args(small_data, tmp_path, "--parallelism.context_parallel_degree=0"))
     load_config(tiny_args(small_data, tmp_path, "--parallelism.context_parallel_degree=4"))
@@ -198,6 +232,9 @@ def test_one_process_with_cp_stops_at_start_up(small_data, tmp_path):
     config, _ = load_config(tiny_args(small_data, tmp_path, "--parallelism.context_parallel_degree=2"))
     with torch.device("meta"):
         model = Transformer(model_args())
-    with pytest.raises(ValueError, match=r"context_parallel_degree=2 must divide the number of ranks .* "
-                                         r"allowed \[1\] \(context parallelism needs as many processes"):
+    with pytest.raises(
+        ValueError,
+        match=r"context_parallel_degree=2 must divide the number of ranks .* "
+        r"allowed \[1\] \(context parallelism needs as many processes",
+    ):
         parallelize(model, config, torch.device("cpu"), 1, torch.float32)

@@ -253,7 +253,13 @@ def test_concat_packing_loses_and_repeats_nothing_across_epochs():
     ds = datasets.Dataset.from_dict({"text": texts})
     num_streams, seq_len, seed = 3, 5, 7
     loader = loader_of(
-        ds, tokenizer=CharTokenizer(), seq_len=seq_len, local_batch_size=3, num_streams=num_streams, packing="concat", seed=seed
+        ds,
+        tokenizer=CharTokenizer(),
+        seq_len=seq_len,
+        local_batch_size=3,
+        num_streams=num_streams,
+        packing="concat",
+        seed=seed,
     )
     rows = rows_of(take(loader, 40))  # about 5 epochs of each stream
     for s in range(num_streams):
@@ -382,7 +388,9 @@ def test_global_row_sequence_is_independent_of_world_size(corpus_dir, tokenizer,
     single = rows_of(take(corpus_loader(corpus_dir, tokenizer, packing=packing, local_batch_size=4), 6))
     for world in (2, 4):
         ranks = [
-            corpus_loader(corpus_dir, tokenizer, packing=packing, local_batch_size=4 // world, dp_rank=r, dp_world_size=world)
+            corpus_loader(
+                corpus_dir, tokenizer, packing=packing, local_batch_size=4 // world, dp_rank=r, dp_world_size=world
+            )
             for r in range(world)
         ]
         assert all(torch.equal(a, b) for a, b in zip(interleave([take(rank, 6) for rank in ranks]), single))
@@ -395,7 +403,15 @@ def test_state_reshards_between_world_sizes(corpus_dir, tokenizer, packing):
 
     def ranks(world, **kwargs):
         return [
-            corpus_loader(corpus_dir, tokenizer, packing=packing, local_batch_size=4 // world, dp_rank=r, dp_world_size=world, **kwargs)
+            corpus_loader(
+                corpus_dir,
+                tokenizer,
+                packing=packing,
+                local_batch_size=4 // world,
+                dp_rank=r,
+                dp_world_size=world,
+                **kwargs,
+            )
             for r in range(world)
         ]
 
@@ -453,8 +469,16 @@ def test_streaming_source_resumes_and_matches_across_world_sizes(tmp_path, num_w
 
     def make(world=1, rank=0, workers=0):
         return loader_of(
-            path, streaming=True, tokenizer=CharTokenizer(), seq_len=12, local_batch_size=4 // world,
-            num_streams=2, dp_rank=rank, dp_world_size=world, packing="concat", num_workers=workers,
+            path,
+            streaming=True,
+            tokenizer=CharTokenizer(),
+            seq_len=12,
+            local_batch_size=4 // world,
+            num_streams=2,
+            dp_rank=rank,
+            dp_world_size=world,
+            packing="concat",
+            num_workers=workers,
         )
 
     expected = take(make(), 20)
@@ -516,10 +540,14 @@ def test_non_utf8_bytes_in_a_jsonl_string_fail_at_their_row_with_file_and_line(t
     rows[7] = b'{"text": "caf\xe9"}'
     path = tmp_path / "train.jsonl"
     path.write_bytes(b"\n".join(rows) + b"\n")
-    loader = build_dataloader(path, tokenizer=CharTokenizer(), seq_len=8, local_batch_size=2, num_streams=1,
-                              num_workers=num_workers)
-    with pytest.raises(DataError, match=r"train.jsonl line 8: not valid UTF-8 \(byte 0xe9 at column 14\); "
-                                        r"re-encode .* \(row 7 of .*train.jsonl\[train\]\)"):
+    loader = build_dataloader(
+        path, tokenizer=CharTokenizer(), seq_len=8, local_batch_size=2, num_streams=1, num_workers=num_workers
+    )
+    with pytest.raises(
+        DataError,
+        match=r"train.jsonl line 8: not valid UTF-8 \(byte 0xe9 at column 14\); "
+        r"re-encode .* \(row 7 of .*train.jsonl\[train\]\)",
+    ):
         take(loader, 100)
 
 

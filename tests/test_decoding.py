@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from lrt_reference import sample_tokens, sequential_recurrence, tiny_args, tiny_model
+
 from titan_lrt.model.decoding import decode_step, generate, generate_tokens, prefill, sample
 from titan_lrt.model.schedule import run_schedule
 
@@ -27,7 +27,7 @@ def _greedy_reference(model, prompt, steps, zero_prompt_memory):
             model, torch.tensor([seq]), zero_memory_until=len(prompt) if zero_prompt_memory else 0
         )
         seq.append(int(logits[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 @pytest.mark.parametrize("mode", ["exact", "zero", "schedule"])

@@ -12,25 +12,39 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
 from conftest import scalars, tiny_args
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8
 
 
 def torchrun(nproc: int, args: list[str], extra_torchrun: tuple[str, ...] = (), **kw):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               *extra_torchrun, str(ROOT / "run_train.sh"), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *extra_torchrun,
+        str(ROOT / "run_train.sh"),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, **kw)
 
 
 def dp_args(small_data, dump, nproc, *extra):
     """8 sequences per step however many ranks share them."""
-    return tiny_args(small_data, dump, f"--training.steps={STEPS}", "--training.global_batch_size=8",
-                     f"--training.local_batch_size={8 // nproc}", "--checkpoint.interval=4", *extra)
+    return tiny_args(
+        small_data,
+        dump,
+        f"--training.steps={STEPS}",
+        "--training.global_batch_size=8",
+        f"--training.local_batch_size={8 // nproc}",
+        "--checkpoint.interval=4",
+        *extra,
+    )
 
 
 def final_params(dump: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
@@ -69,14 +83,20 @@ def run_cache(root: Path, make_args):
 
 @pytest.fixture(scope="module")
 def runs(small_data, tmp_path_factory):
-    return run_cache(tmp_path_factory.mktemp("dp"), lambda dump, nproc, *extra: dp_args(small_data, dump, nproc, *extra))
+    return run_cache(
+        tmp_path_factory.mktemp("dp"), lambda dump, nproc, *extra: dp_args(small_data, dump, nproc, *extra)
+    )
 
 
-@pytest.mark.parametrize("schedule", [
-    ("--lrt.mode=off",),
-    ("--lrt.mode=interleaved",),
-    ("--lrt.mode=interleaved", "--lrt.detach_buffer=true", "--lrt.kv_refresh=true"),
-], ids=["baseline", "lrt_s2", "lrt_s2_detached"])
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        ("--lrt.mode=off",),
+        ("--lrt.mode=interleaved",),
+        ("--lrt.mode=interleaved", "--lrt.detach_buffer=true", "--lrt.kv_refresh=true"),
+    ],
+    ids=["baseline", "lrt_s2", "lrt_s2_detached"],
+)
 def test_two_rank_fsdp_matches_one_process(runs, schedule):
     name = "_".join(a.split("=")[-1] for a in schedule)
     one = runs(f"one_{name}", 1, *schedule)
@@ -84,10 +104,14 @@ def test_two_rank_fsdp_matches_one_process(runs, schedule):
     assert_same_run(one, two)
 
 
-@pytest.mark.parametrize("variant", [
-    ("--parallelism.data_parallel_replicate_degree=2",),
-    ("--parallelism.fsdp_reshard_after_forward=never", "--checkpoint.async_mode=async"),
-], ids=["hsdp", "never_reshard_async_save"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ("--parallelism.data_parallel_replicate_degree=2",),
+        ("--parallelism.fsdp_reshard_after_forward=never", "--checkpoint.async_mode=async"),
+    ],
+    ids=["hsdp", "never_reshard_async_save"],
+)
 def test_hsdp_and_reshard_policies_match_one_process(runs, variant):
     one = runs("one_interleaved", 1, "--lrt.mode=interleaved")
     two = runs("two_" + variant[0].split(".")[-1], 2, "--lrt.mode=interleaved", *variant)
@@ -103,8 +127,13 @@ def test_bf16_mixed_precision_stays_close(runs):
 
 def test_gradient_sync_every_micro_batch_gives_the_same_update(runs):
     accumulate = runs("two_accum_last", 2, "--lrt.mode=interleaved", "--training.local_batch_size=2")
-    every = runs("two_accum_every", 2, "--lrt.mode=interleaved", "--training.local_batch_size=2",
-                 "--parallelism.gradient_sync=every_micro_batch")
+    every = runs(
+        "two_accum_every",
+        2,
+        "--lrt.mode=interleaved",
+        "--training.local_batch_size=2",
+        "--parallelism.gradient_sync=every_micro_batch",
+    )
     one = runs("one_interleaved", 1, "--lrt.mode=interleaved")
     assert_same_run(accumulate, every)
     assert_same_run(one, accumulate)
@@ -132,8 +161,14 @@ def test_resume_on_fewer_ranks_keeps_the_global_batch(runs, small_data, tmp_path
     dump = tmp_path / "fewer"
     (dump / "checkpoints").mkdir(parents=True)
     shutil.copytree(source / "checkpoints" / "step-00000004", dump / "checkpoints" / "step-00000004")
-    args = tiny_args(small_data, dump, f"--training.steps={STEPS}", "--training.local_batch_size=4",
-                     "--checkpoint.interval=4", "--lrt.mode=interleaved")
+    args = tiny_args(
+        small_data,
+        dump,
+        f"--training.steps={STEPS}",
+        "--training.local_batch_size=4",
+        "--checkpoint.interval=4",
+        "--lrt.mode=interleaved",
+    )
     out = torchrun(1, args)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "training.global_batch_size: 8 -> 0" in out.stdout
@@ -146,10 +181,22 @@ def test_kill_minus_nine_of_two_ranks_then_resume(runs, small_data, tmp_path):
     reference = runs("two_interleaved", 2, "--lrt.mode=interleaved")
     dump = tmp_path / "killed"
     args = dp_args(small_data, dump, 2, "--lrt.mode=interleaved", "--checkpoint.interval=2")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "run_train.sh"), *args]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "run_train.sh"),
+        *args,
+    ]
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while not (dump / "checkpoints" / "step-00000004" / "complete.json").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint at step 4"
@@ -171,11 +218,28 @@ def test_two_launchers_as_two_nodes(runs, small_data, tmp_path):
         args = dp_args(small_data, dump, 2, "--lrt.mode=interleaved")
         nodes = []
         for node_rank in (0, 1):
-            command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                       f"--node_rank={node_rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-                       "--rdzv_id=titan-lrt-test", str(ROOT / "run_train.sh"), *args]
-            nodes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                          env={**os.environ, "OMP_NUM_THREADS": "1"}))
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={node_rank}",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}",
+                "--rdzv_id=titan-lrt-test",
+                str(ROOT / "run_train.sh"),
+                *args,
+            ]
+            nodes.append(
+                subprocess.Popen(
+                    command,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    env={**os.environ, "OMP_NUM_THREADS": "1"},
+                )
+            )
         outputs = [n.communicate(timeout=600)[0] for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert (dump / "checkpoints" / f"step-{STEPS:08d}" / "complete.json").is_file()
@@ -225,11 +289,25 @@ def test_a_failing_rank_stops_the_others_well_before_the_process_group_timeout(t
     with socket_port() as port:
         procs = []
         for rank in range(2):
-            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                   "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
-                   "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-            procs.append(subprocess.Popen([sys.executable, str(worker), str(timeout_s)], env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            env = {
+                **os.environ,
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": "2",
+                "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            }
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(worker), str(timeout_s)],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
         exited = {}
         deadline = time.time() + 3 * timeout_s
         while len(exited) < 2 and time.time() < deadline:

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from lrt_reference import sample_tokens, sequential_recurrence, tiny_args, tiny_model
+
 from titan_lrt.eval.bpb import BitsPerByte, evaluate_bpb, position_buckets
 from titan_lrt.model.schedule import run_schedule
 from titan_lrt.model.transformer import IGNORE_INDEX
@@ -74,9 +74,7 @@ def test_merged_bpb_recombines_the_passes(lrt):
     assert not recombined.isnan().any()
     assert result.scores["merged"].value == pytest.approx(_bpb(recombined, targets, token_bytes), **TOL)
     for i, (loss, positions) in enumerate(zip(step.pass_token_losses, step.pass_positions)):
-        assert result.scores[f"pass{i}"].value == pytest.approx(
-            _bpb(loss, targets[:, positions], token_bytes), **TOL
-        )
+        assert result.scores[f"pass{i}"].value == pytest.approx(_bpb(loss, targets[:, positions], token_bytes), **TOL)
 
 
 @pytest.mark.parametrize("lrt", [{"num_subsets": 2}, {"mode": "jacobi"}, {"mode": "off"}])
@@ -92,7 +90,16 @@ def test_position_buckets_split_the_totals():
     starts = [0, 4, 9]
     result = evaluate_bpb(model, [(inputs, targets)], token_bytes, 3, modes=ALL_MODES, bucket_starts=starts)
     whole = evaluate_bpb(model, [(inputs, targets)], token_bytes, 3, modes=ALL_MODES, bucket_starts=[0])
-    assert set(result.scores) == {"merged", "pass0", "pass1", "pass2", "pass3", "zero", "exact", "merged_on_exact_sample"}
+    assert set(result.scores) == {
+        "merged",
+        "pass0",
+        "pass1",
+        "pass2",
+        "pass3",
+        "zero",
+        "exact",
+        "merged_on_exact_sample",
+    }
     step = run_schedule(model, inputs, targets)
     for name, score in result.scores.items():
         buckets = score.buckets(seq_len=12)
@@ -110,8 +117,13 @@ def test_default_modes_keep_the_trainers_scalars():
     model, inputs, targets, token_bytes = _setup()
     scalars = evaluate_bpb(model, [(inputs, targets)], token_bytes, 1).scalars()
     assert list(scalars) == [
-        "val/bpb_merged", "val/bpb_pass0", "val/bpb_pass1", "val/bpb_pass2", "val/bpb_pass3",
-        "val/bpb_exact", "val/bpb_merged_minus_exact",
+        "val/bpb_merged",
+        "val/bpb_pass0",
+        "val/bpb_pass1",
+        "val/bpb_pass2",
+        "val/bpb_pass3",
+        "val/bpb_exact",
+        "val/bpb_merged_minus_exact",
     ]
     with pytest.raises(ValueError, match="allowed"):
         evaluate_bpb(model, [(inputs, targets)], token_bytes, modes=("merged", "exactly"))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_args as trainer_args
+
 from titan_lrt.checkpoint import write_marker
 from titan_lrt.config import load_config
 from titan_lrt.data.tokenizer import Tokenizer
@@ -78,11 +78,30 @@ def test_loading_errors_name_the_problem(trained, tmp_path):
 def test_evaluate_command_end_to_end(trained, tmp_path, capsys):
     _, step_folder = trained
     out = tmp_path / "eval.json"
-    code = eval_main([
-        "--checkpoint", str(step_folder), "--batches", "2", "--batch-size", "2", "--seq-len", "32",
-        "--exact-sequences", "3", "--icl", "--icl-examples", "4", "--core", str(BUNDLE),
-        "--core-max-per-task", "2", "--no-progress", "--json", str(out),
-    ])
+    code = eval_main(
+        [
+            "--checkpoint",
+            str(step_folder),
+            "--batches",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--exact-sequences",
+            "3",
+            "--icl",
+            "--icl-examples",
+            "4",
+            "--core",
+            str(BUNDLE),
+            "--core-max-per-task",
+            "2",
+            "--no-progress",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     for text in ("bits per byte", "merged - exact", "evaluation speed", "in-context learning", "CORE"):
@@ -147,9 +166,24 @@ def test_the_evaluation_command_runs_no_code_from_a_crafted_step_folder(trained,
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
-        [sys.executable, "-m", "titan_lrt.eval", "--checkpoint", str(tmp_path / "run"), "--modes", "none",
-         "--threads", "1", "--json", str(tmp_path / "eval.json")],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "titan_lrt.eval",
+            "--checkpoint",
+            str(tmp_path / "run"),
+            "--modes",
+            "none",
+            "--threads",
+            "1",
+            "--json",
+            str(tmp_path / "eval.json"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert not pwned.exists()

@@ -48,16 +48,23 @@ def test_bundle_is_read_with_its_baselines_and_fewshot():
     assert [t.label for t in tasks] == LABELS
     capitals, opposites, referents, sequences, proverbs = tasks
     assert (capitals.task_type, capitals.num_fewshot, capitals.random_baseline, len(capitals.examples)) == (
-        "multiple_choice", 2, 0.25, 6)
+        "multiple_choice",
+        2,
+        0.25,
+        6,
+    )
     assert opposites.delimiter == "\nAnswer: " and proverbs.delimiter == " "
     assert referents.task_type == "schema" and sequences.task_type == "language_modeling"
     assert [t.label for t in load_bundle(BUNDLE, ["proverbs_lm", "capitals_mc"])] == ["capitals_mc", "proverbs_lm"]
 
+
 def test_prompts_follow_the_bundle_format():
     capitals, opposites, referents, sequences, _ = load_bundle(BUNDLE)
     prompts, texts = render(opposites, 0)
-    assert texts == ['Which word means the opposite of "hot"?\nAnswer: cold',
-                     'Which word means the opposite of "hot"?\nAnswer: warm']
+    assert texts == [
+        'Which word means the opposite of "hot"?\nAnswer: cold',
+        'Which word means the opposite of "hot"?\nAnswer: warm',
+    ]
     prompts, texts = render(capitals, 0)
     shots = texts[0].split("\n\n")
     assert len(shots) == 3 and texts[0].endswith("What is the capital of France?\nAnswer: Paris")
@@ -74,7 +81,12 @@ def test_requests_score_only_the_continuations(tokenizer):
     capitals, _, referents, sequences, _ = load_bundle(BUNDLE)
     mc = build_request(capitals, 1, tokenizer, max_len=1000)
     assert mc.gold == 1 and len(mc.sequences) == 4
-    assert [tokenizer.decode(s[a:b]) for s, (a, b) in zip(mc.sequences, mc.spans)] == [" Osaka", " Tokyo", " Kyoto", " Nagoya"]
+    assert [tokenizer.decode(s[a:b]) for s, (a, b) in zip(mc.sequences, mc.spans)] == [
+        " Osaka",
+        " Tokyo",
+        " Kyoto",
+        " Nagoya",
+    ]
     schema = build_request(referents, 0, tokenizer, max_len=1000)
     assert {tokenizer.decode(s[a:b]) for s, (a, b) in zip(schema.sequences, schema.spans)} == {" broke into pieces."}
     lm = build_request(sequences, 5, tokenizer, max_len=1000)
@@ -83,7 +95,9 @@ def test_requests_score_only_the_continuations(tokenizer):
     assert tokenizer.decode(seq[1:]).endswith("Continue: 10, 20, 30, 40")
     cropped = build_request(capitals, 1, tokenizer, max_len=20)
     assert all(len(s) == 20 for s in cropped.sequences)
-    assert [s[a:b] for s, (a, b) in zip(cropped.sequences, cropped.spans)] == [s[a:b] for s, (a, b) in zip(mc.sequences, mc.spans)]
+    assert [s[a:b] for s, (a, b) in zip(cropped.sequences, cropped.spans)] == [
+        s[a:b] for s, (a, b) in zip(mc.sequences, mc.spans)
+    ]
 
 
 def _gold_sequences(tasks, tokenizer, wrong=False):
@@ -116,8 +130,15 @@ def test_an_oracle_scores_100_percent_centered_1(tokenizer):
 
 
 def test_a_tiny_model_runs_end_to_end(tokenizer):
-    args = ModelArgs(vocab_size=tokenizer.vocab_size, n_layers=2, dim=64, n_heads=2, max_seq_len=64,
-                     bos_token_id=tokenizer.bos_id, lrt=LRTArgs(mode="interleaved"))
+    args = ModelArgs(
+        vocab_size=tokenizer.vocab_size,
+        n_layers=2,
+        dim=64,
+        n_heads=2,
+        max_seq_len=64,
+        bos_token_id=tokenizer.bos_id,
+        lrt=LRTArgs(mode="interleaved"),
+    )
     torch.manual_seed(0)
     model = Transformer(args)
     model.init_weights()
@@ -143,8 +164,10 @@ def test_a_tiny_model_runs_end_to_end(tokenizer):
         (lambda b: _edit(b / "core.yaml", "num_fewshot: [2]", "num_fewshot: [9]"), "needs more than 6 examples"),
         (lambda b: _edit(b / "eval_meta_data.csv", "opposites_mc,", "antonyms,"), "no 'Random baseline' row"),
         (lambda b: _edit(b / "eval_data/world/capitals.jsonl", '"gold": 3', '"gold": 4'), r"capitals.jsonl:4: gold=4"),
-        (lambda b: _edit(b / "eval_data/language/referents.jsonl", '"continuation"', '"ending"'),
-         r"referents.jsonl:1: a schema example needs 'continuation'"),
+        (
+            lambda b: _edit(b / "eval_data/language/referents.jsonl", '"continuation"', '"ending"'),
+            r"referents.jsonl:1: a schema example needs 'continuation'",
+        ),
         (lambda b: _edit(b / "core.yaml", "icl_tasks:", "tasks:"), "'icl_tasks'"),
     ],
 )

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import scalars, tiny_args
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from conftest import scalars, tiny_args
 from titan_lrt.config import load_config
 from titan_lrt.guards import LossSpikeError, LossSpikeGuard, nonfinite_count
 from titan_lrt.metrics import ThroughputWindow
@@ -66,8 +66,11 @@ def test_settings_diff_and_what_a_resume_refuses():
 
 
 def test_a_resume_on_fewer_ranks_keeps_the_global_batch():
-    two_ranks = {"training.global_batch_size": 0, "training.local_batch_size": 4,
-                 "parallelism.context_parallel_degree": 1}
+    two_ranks = {
+        "training.global_batch_size": 0,
+        "training.local_batch_size": 4,
+        "parallelism.context_parallel_degree": 1,
+    }
     assert resolved_global_batch(two_ranks, 2) == 8
     # one rank now: 4 sequences per micro-batch, the checkpoint's 8 kept (2 micro-batches)
     assert kept_global_batch(two_ranks, 2, two_ranks, current_global=4) == 8
@@ -111,8 +114,16 @@ def _checkpoint_tensors(step_folder):
 
 
 def test_an_update_that_overflows_the_weights_stops_before_any_checkpoint_holds_them(small_data, tmp_path, capsys):
-    code = main(tiny_args(small_data, tmp_path, "--optimizer.lr=1e38", "--training.steps=4",
-                          "--checkpoint.interval=1", "--training.nonfinite=skip"))
+    code = main(
+        tiny_args(
+            small_data,
+            tmp_path,
+            "--optimizer.lr=1e38",
+            "--training.steps=4",
+            "--checkpoint.interval=1",
+            "--training.nonfinite=skip",
+        )
+    )
     out = capsys.readouterr().out
     assert code == 3, out
     assert "non-finite parameters after the optimizer step of step 1" in out
@@ -125,8 +136,9 @@ def test_an_update_that_overflows_the_weights_stops_before_any_checkpoint_holds_
 
 def test_a_diverging_learning_rate_stops_on_the_loss_spike_with_exit_code_3(small_data, tmp_path, capsys):
     """lr=1e6: the loss jumps to ~3x its start, then the model is dead (gradient norm 0)."""
-    code = main(tiny_args(small_data, tmp_path, "--optimizer.lr=1e6", "--training.steps=6",
-                          "--training.spike_patience=1"))
+    code = main(
+        tiny_args(small_data, tmp_path, "--optimizer.lr=1e6", "--training.steps=6", "--training.spike_patience=1")
+    )
     out = capsys.readouterr().out
     assert code == 3, out
     assert "loss spike: loss" in out and "Stopping" in out
@@ -164,8 +176,16 @@ def _record_logged(trainer):
 
 @pytest.mark.parametrize("action", ["stop", "rollback"])
 def test_a_loss_spike_stops_or_rolls_back_past_the_bad_batches(small_data, tmp_path, action):
-    config, _ = load_config(tiny_args(small_data, tmp_path, "--training.steps=12", "--checkpoint.interval=2",
-                                      "--training.spike_patience=2", f"--training.spike_action={action}"))
+    config, _ = load_config(
+        tiny_args(
+            small_data,
+            tmp_path,
+            "--training.steps=12",
+            "--checkpoint.interval=2",
+            "--training.spike_patience=2",
+            f"--training.spike_action={action}",
+        )
+    )
     trainer = Trainer(config)
     _poison_the_update_of_step(trainer, 7)  # the losses of steps 8 and 9 spike
     logged = _record_logged(trainer)

@@ -83,12 +83,29 @@ def test_published_flops_are_6n_plus_12lhqt_per_full_pass(pattern):
 def test_peak_table_tells_the_sxm_pcie_and_nvl_parts_apart():
     from titan_lrt.metrics import format_step_line, peak_flops_of
 
-    names = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
-             "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA A100-SXM4-80GB": 312e12,
-             "NVIDIA A100-PCIE-40GB": 312e12, "NVIDIA B200": 2250e12, "NVIDIA GeForce GTX 1080": None}
+    names = {
+        "NVIDIA H100 80GB HBM3": 989e12,
+        "NVIDIA H100 PCIe": 756e12,
+        "NVIDIA H100 NVL": 835e12,
+        "NVIDIA H200": 989e12,
+        "NVIDIA H200 NVL": 835e12,
+        "NVIDIA A100-SXM4-80GB": 312e12,
+        "NVIDIA A100-PCIE-40GB": 312e12,
+        "NVIDIA B200": 2250e12,
+        "NVIDIA GeForce GTX 1080": None,
+    }
     assert {name: peak_flops_of(name) for name in names} == names
-    line = format_step_line(3, {"loss/total": 2.0, "throughput/tokens_per_s": 1e5, "throughput/mfu_pct": 40.0,
-                                "throughput/mfu_published_pct": 52.5, "optim/lr": 1e-3, "optim/grad_norm": 1.0})
+    line = format_step_line(
+        3,
+        {
+            "loss/total": 2.0,
+            "throughput/tokens_per_s": 1e5,
+            "throughput/mfu_pct": 40.0,
+            "throughput/mfu_published_pct": 52.5,
+            "optim/lr": 1e-3,
+            "optim/grad_norm": 1.0,
+        },
+    )
     assert "mfu 40.0%" in line and "published convention 52.5%" in line
 
 

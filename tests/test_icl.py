@@ -3,8 +3,8 @@
 
 import pytest
 import torch
-
 from lrt_reference import sequential_recurrence, tiny_args, tiny_model
+
 from titan_lrt.data.tokenizer import Tokenizer
 from titan_lrt.eval.icl import evaluate_icl, pad_right, score_examples
 from titan_lrt.eval.icl_tasks import TASKS, TaskAlphabet, generate

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from lrt_reference import sample_tokens, sequential_recurrence, tiny_args, tiny_model
+
 from titan_lrt.model.args import LRTArgs
 from titan_lrt.model.buffer import SharedBuffer
 from titan_lrt.model.memory import apply_reset, memory_keep_mask, shift_right
@@ -147,7 +147,9 @@ def test_per_pass_backward_with_detached_buffer_equals_one_backward(lrt):
 
     micro = tiny_model(args)
     lasts = []
-    micro_result = run_schedule(micro, tokens, targets, backward=lambda loss, last: (loss.backward(), lasts.append(last)))
+    micro_result = run_schedule(
+        micro, tokens, targets, backward=lambda loss, last: (loss.backward(), lasts.append(last))
+    )
     assert lasts == [False] * (len(lasts) - 1) + [True] and len(lasts) == len(micro_result.pass_losses)
     whole = tiny_model(args)
     whole_result = run_schedule(whole, tokens, targets)
@@ -182,8 +184,9 @@ def test_kv_refresh_reprojects_the_feedback_exactly():
     with torch.no_grad():
         buffer = SharedBuffer(model, tokens, model(tokens), 3, detach=True)
         buffer.refresh(0)
-        memory = apply_reset(shift_right(buffer.merged_states()), memory_keep_mask(
-            tokens, torch.arange(12), args.bos_token_id, True))
+        memory = apply_reset(
+            shift_right(buffer.merged_states()), memory_keep_mask(tokens, torch.arange(12), args.bos_token_id, True)
+        )
         fresh = model(tokens, memory=memory).kv[0]
     for j in (1, 2):
         torch.testing.assert_close(buffer.keys[0][j], fresh.k[:, :, j::3], **TOL)
@@ -228,8 +231,12 @@ def test_subset_attention_cpu_kernel_matches_reference_math_with_gradients():
         for i in range(S):
             n = len(range(i, T, S))
             q = torch.randn(B, H, n, D, dtype=torch.float64, requires_grad=True)
-            ks = [torch.randn(B, Hkv, len(range(j, T, S)), D, dtype=torch.float64, requires_grad=True) for j in range(S)]
-            vs = [torch.randn(B, Hkv, len(range(j, T, S)), D, dtype=torch.float64, requires_grad=True) for j in range(S)]
+            ks = [
+                torch.randn(B, Hkv, len(range(j, T, S)), D, dtype=torch.float64, requires_grad=True) for j in range(S)
+            ]
+            vs = [
+                torch.randn(B, Hkv, len(range(j, T, S)), D, dtype=torch.float64, requires_grad=True) for j in range(S)
+            ]
             out = attention.subset_attention(q, ks, vs, i)
             key_pos = torch.cat([torch.arange(j, T, S) for j in range(S)])
             mask = key_pos[None, :] <= torch.arange(i, T, S)[:, None]
@@ -282,12 +289,15 @@ def test_loss_denominators_replace_the_per_pass_means():
 def test_pass_target_counts_by_hand():
     """Two micro-batches of 2 x 7 targets, some ignored; counts per pass written out by hand."""
     I = IGNORE_INDEX  # noqa: E741
-    targets = torch.tensor([
-        [[5, I, 5, 5, I, 5, 5],    # positions 1, 4 ignored
-         [I, 5, 5, 5, 5, 5, I]],   # positions 0, 6 ignored
-        [[5, 5, 5, 5, 5, 5, 5],
-         [I, I, I, I, I, I, I]],   # a row of padding
-    ])
+    targets = torch.tensor(
+        [
+            [
+                [5, I, 5, 5, I, 5, 5],  # positions 1, 4 ignored
+                [I, 5, 5, 5, 5, 5, I],
+            ],  # positions 0, 6 ignored
+            [[5, 5, 5, 5, 5, 5, 5], [I, I, I, I, I, I, I]],  # a row of padding
+        ]
+    )
     # scored per position over all rows: [2, 2, 3, 3, 2, 3, 2], 17 in all
     interleaved = pass_target_counts(LRTArgs(mode="interleaved", num_subsets=3), targets)
     assert interleaved.dtype == torch.float64
@@ -297,8 +307,15 @@ def test_pass_target_counts_by_hand():
     assert pass_target_counts(LRTArgs(mode="off"), targets).tolist() == [17.0]
 
 
-@pytest.mark.parametrize("lrt", [{"mode": "interleaved", "num_subsets": 4}, {"mode": "interleaved", "num_subsets": 5},
-                                 {"mode": "jacobi", "jacobi_passes": 2}, {"mode": "off"}])
+@pytest.mark.parametrize(
+    "lrt",
+    [
+        {"mode": "interleaved", "num_subsets": 4},
+        {"mode": "interleaved", "num_subsets": 5},
+        {"mode": "jacobi", "jacobi_passes": 2},
+        {"mode": "off"},
+    ],
+)
 def test_pass_target_counts_equal_the_scored_targets_each_pass_computes(lrt):
     """Against a plain loop over the positions each pass of a real step computes (`pass_positions`
     of the StepResult), on random targets with ignored positions."""
@@ -309,8 +326,10 @@ def test_pass_target_counts_equal_the_scored_targets_each_pass_computes(lrt):
     targets[torch.rand(targets.shape, generator=torch.Generator().manual_seed(1)) < 0.3] = IGNORE_INDEX
     with torch.no_grad():
         result = run_schedule(model, tokens, targets)
-    expected = [float(sum(int(targets[b, t]) != IGNORE_INDEX for b in range(3) for t in positions.tolist()))
-                for positions in result.pass_positions]
+    expected = [
+        float(sum(int(targets[b, t]) != IGNORE_INDEX for b in range(3) for t in positions.tolist()))
+        for positions in result.pass_positions
+    ]
     assert pass_target_counts(args.lrt, targets).tolist() == expected
     assert len(expected) == args.lrt.num_passes
 
@@ -318,11 +337,19 @@ def test_pass_target_counts_equal_the_scored_targets_each_pass_computes(lrt):
 def test_lrt_args_describe_the_shape_of_a_step():
     s3 = LRTArgs(mode="interleaved", num_subsets=3)
     assert (s3.num_passes, s3.pass_names, s3.pass_shapes, s3.describe()) == (
-        4, ["pass0", "subset0", "subset1", "subset2"], 4, "interleaved S=3")
+        4,
+        ["pass0", "subset0", "subset1", "subset2"],
+        4,
+        "interleaved S=3",
+    )
     assert s3.pass_positions(7) == [range(7), range(0, 7, 3), range(1, 7, 3), range(2, 7, 3)]
     k3 = LRTArgs(mode="jacobi", jacobi_passes=3)
     assert (k3.num_passes, k3.pass_names, k3.pass_shapes, k3.describe()) == (
-        3, ["pass0", "jacobi1", "jacobi2"], 2, "jacobi K=3")
+        3,
+        ["pass0", "jacobi1", "jacobi2"],
+        2,
+        "jacobi K=3",
+    )
     assert k3.pass_positions(5) == [range(5)] * 3
     off = LRTArgs(mode="off", num_subsets=3, jacobi_passes=3)
     assert (off.num_passes, off.pass_names, off.pass_shapes, off.describe()) == (1, ["pass0"], 1, "off")

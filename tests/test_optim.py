@@ -128,9 +128,7 @@ def groups_by_name(optimizers):
 
 def test_adamw_groups_learning_rates_and_weight_decay():
     model = small_model(**VARIANTS["lrt_shared"])
-    opt = optimizers_of(
-        model, lr=0.01, weight_decay=0.1, embedding_lr_mult=10, head_lr_mult=0.5, scalar_lr_mult=0.2
-    )
+    opt = optimizers_of(model, lr=0.01, weight_decay=0.1, embedding_lr_mult=10, head_lr_mult=0.5, scalar_lr_mult=0.2)
     assert len(opt) == 1 and isinstance(opt.optimizers[0], torch.optim.AdamW)
     g = groups_by_name(opt)
     assert {k: g[k]["lr"] for k in GROUPS} == pytest.approx(
@@ -216,8 +214,18 @@ def test_schedule_matches_hand_computation(decay_type):
         "cosine": lambda p: 0.5 * (1 + math.cos(math.pi * p)),
     }[decay_type]
     decayed = lambda k: 0.1 + 0.9 * shape((k - 80 + 1) / 21)  # noqa: E731
-    expected = {0: 1 / 11, 5: 6 / 11, 9: 10 / 11, 10: 1.0, 50: 1.0, 79: 1.0, 80: decayed(80), 90: decayed(90),
-                99: decayed(99), 100: 0.1}
+    expected = {
+        0: 1 / 11,
+        5: 6 / 11,
+        9: 10 / 11,
+        10: 1.0,
+        50: 1.0,
+        79: 1.0,
+        80: decayed(80),
+        90: decayed(90),
+        99: decayed(99),
+        100: 0.1,
+    }
     assert {k: lrs[k] for k in expected} == pytest.approx(expected, rel=1e-12)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # never rises after the warmup
 
@@ -235,15 +243,19 @@ def test_schedule_scales_every_group_and_both_optimizers():
         small_model(), name="muon", lr=0.01, embedding_lr_mult=10, head_lr_mult=1, scalar_lr_mult=1, muon_lr=0.02
     )
     sched = schedulers_of(opt, 10, warmup_steps=4, decay_ratio=0.0)
-    assert sched.last_lr() == pytest.approx({"matrix": 0.02 / 5, "embedding": 0.1 / 5, "head": 0.01 / 5,
-                                             "scalar": 0.01 / 5})
+    assert sched.last_lr() == pytest.approx(
+        {"matrix": 0.02 / 5, "embedding": 0.1 / 5, "head": 0.01 / 5, "scalar": 0.01 / 5}
+    )
     assert {g["name"]: g["lr"] for g in opt.param_groups} == sched.last_lr()
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(warmup_steps=8, decay_ratio=0.3), r"warmup_steps=8 plus 3 decay steps \(decay_ratio=0\.3 of training\.steps=10\)"),
+        (
+            dict(warmup_steps=8, decay_ratio=0.3),
+            r"warmup_steps=8 plus 3 decay steps \(decay_ratio=0\.3 of training\.steps=10\)",
+        ),
         (dict(warmup_steps=11, decay_ratio=None), r"warmup_steps=11 plus 0 decay steps"),
     ],
 )

@@ -20,7 +20,23 @@ from titan_lrt.data.streams import StreamState
 from titan_lrt.data.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "over", "hills", "and", "rivers", "def", "return")
+WORDS = (
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "while",
+    "dogs",
+    "ran",
+    "over",
+    "hills",
+    "and",
+    "rivers",
+    "def",
+    "return",
+)
 
 
 def load_prepare_tool():
@@ -55,13 +71,25 @@ def jsonl_source(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prepared(jsonl_source, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "web"
-    prep.prepare(str(jsonl_source[0]), out, vocab_size=320, shard_tokens=2500, validation_fraction=0.05, show_progress=False)
+    prep.prepare(
+        str(jsonl_source[0]), out, vocab_size=320, shard_tokens=2500, validation_fraction=0.05, show_progress=False
+    )
     return out
 
 
 def loader(source, tokenizer, **kwargs):
-    args = {"tokenizer": tokenizer, "seq_len": 32, "local_batch_size": 4, "num_streams": 4, "split": "train",
-            "text_column": "text", "packing": "bos_aligned", "seed": 0, "num_workers": 0, "streaming": False}
+    args = {
+        "tokenizer": tokenizer,
+        "seq_len": 32,
+        "local_batch_size": 4,
+        "num_streams": 4,
+        "split": "train",
+        "text_column": "text",
+        "packing": "bos_aligned",
+        "seed": 0,
+        "num_workers": 0,
+        "streaming": False,
+    }
     return build_dataloader(source, **{**args, **kwargs})
 
 
@@ -113,8 +141,14 @@ def test_prepare_keeps_a_source_validation_split_and_matches_the_raw_loader(tmp_
 def test_prepare_streaming_source_with_reused_tokenizer_and_budget(jsonl_source, prepared, tmp_path):
     out = tmp_path / "budget"
     meta = prep.prepare(
-        str(jsonl_source[0]), out, streaming=True, tokenizer=prepared / "tokenizer.json", max_tokens=3000,
-        shard_tokens=1000, validation_fraction=0.05, show_progress=False,
+        str(jsonl_source[0]),
+        out,
+        streaming=True,
+        tokenizer=prepared / "tokenizer.json",
+        max_tokens=3000,
+        shard_tokens=1000,
+        validation_fraction=0.05,
+        show_progress=False,
     )
     train = meta["splits"]["train"]
     assert 3000 <= train["tokens"] < 3000 + 200 and train["shards"] == 3
@@ -123,8 +157,14 @@ def test_prepare_streaming_source_with_reused_tokenizer_and_budget(jsonl_source,
     assert [budget.document(i).tolist() for i in range(budget.num_documents)] == [
         full.document(i).tolist() for i in range(budget.num_documents)
     ]
-    shards = prep.prepare(str(jsonl_source[0]), tmp_path / "shards", tokenizer=prepared / "tokenizer.json",
-                          max_shards=2, shard_tokens=1000, show_progress=False)
+    shards = prep.prepare(
+        str(jsonl_source[0]),
+        tmp_path / "shards",
+        tokenizer=prepared / "tokenizer.json",
+        max_shards=2,
+        shard_tokens=1000,
+        show_progress=False,
+    )
     assert shards["splits"]["train"]["shards"] == 2
 
 
@@ -183,8 +223,10 @@ def test_prepared_exact_resume_and_resharding(prepared, packing):
     assert all(torch.equal(a, b) for a, b in zip(rows_of(take(resumed, 6)), expected[16:]))
 
     def ranks(world):
-        return [loader(prepared, tok, packing=packing, local_batch_size=4 // world, dp_rank=r, dp_world_size=world)
-                for r in range(world)]
+        return [
+            loader(prepared, tok, packing=packing, local_batch_size=4 // world, dp_rank=r, dp_world_size=world)
+            for r in range(world)
+        ]
 
     two = ranks(2)  # 2 -> 1 -> 2
     rows = interleave([take(rank, 3) for rank in two])
@@ -283,12 +325,23 @@ def test_mixture_bad_weights_and_sources_fail_in_one_line(prepared, tmp_path):
 def train_args(dump, *extra):
     return [
         f"--job.dump_folder={dump}",
-        "--model.n_layers=1", "--model.dim=32", "--model.n_heads=2",
-        "--lrt.mode=interleaved", "--lrt.num_subsets=2",
-        "--training.seq_len=32", "--training.local_batch_size=2", "--training.mixed_precision=float32",
-        "--data.num_streams=4", "--data.num_workers=0", "--metrics.log_freq=1",
-        "--lr_scheduler.warmup_steps=1", "--lr_scheduler.decay_ratio=0",
-        "--eval.interval=0", "--eval.steps=1", "--eval.exact_sequences=0", "--checkpoint.interval=2",
+        "--model.n_layers=1",
+        "--model.dim=32",
+        "--model.n_heads=2",
+        "--lrt.mode=interleaved",
+        "--lrt.num_subsets=2",
+        "--training.seq_len=32",
+        "--training.local_batch_size=2",
+        "--training.mixed_precision=float32",
+        "--data.num_streams=4",
+        "--data.num_workers=0",
+        "--metrics.log_freq=1",
+        "--lr_scheduler.warmup_steps=1",
+        "--lr_scheduler.decay_ratio=0",
+        "--eval.interval=0",
+        "--eval.steps=1",
+        "--eval.exact_sequences=0",
+        "--checkpoint.interval=2",
         *extra,
     ]
 
@@ -334,7 +387,9 @@ def test_missing_prepared_data_stops_with_the_prepare_command(tmp_path, capsys):
     from titan_lrt.train import main
 
     missing = tmp_path / "fineweb"
-    code = main(train_args(tmp_path / "run", f"--data.dataset={missing}", f"--model.tokenizer_path={missing}/tokenizer.json"))
+    code = main(
+        train_args(tmp_path / "run", f"--data.dataset={missing}", f"--model.tokenizer_path={missing}/tokenizer.json")
+    )
     assert code == 2
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "error: data" in out[0]
@@ -353,8 +408,12 @@ def test_mixture_config_from_toml_and_command_line_round_trips_and_rejects_bad_w
     again.write_text(config.to_toml())
     assert load_config(["--config", str(again)])[0].data.mixture == config.data.mixture
     assert load_config(['--data.mixture={"a": 1, "b": 2.5}'])[0].data.mixture == {"a": 1.0, "b": 2.5}
-    for bad, message in (('{"a": 0}', "every weight must be a number > 0"), ('{"a": -1}', "> 0"),
-                         ('{"a": "x"}', "is not a number"), ("[1]", "is not a table")):
+    for bad, message in (
+        ('{"a": 0}', "every weight must be a number > 0"),
+        ('{"a": -1}', "> 0"),
+        ('{"a": "x"}', "is not a number"),
+        ("[1]", "is not a table"),
+    ):
         with pytest.raises(ConfigError, match=message):
             load_config([f"--data.mixture={bad}"])
 
@@ -367,13 +426,22 @@ def test_kill_minus_nine_during_prepare_then_rerun_gives_the_uninterrupted_folde
     import time
 
     source = write_jsonl(tmp_path / "src" / "docs.jsonl", texts(3000, seed=5)).parent
-    args = [str(source), "--tokenizer", str(prepared / "tokenizer.json"), "--shard-tokens", "500",
-            "--validation-fraction", "0.05"]
+    args = [
+        str(source),
+        "--tokenizer",
+        str(prepared / "tokenizer.json"),
+        "--shard-tokens",
+        "500",
+        "--validation-fraction",
+        "0.05",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, str(ROOT / "tools" / "prepare_data.py"), *args]
     assert prep.main([*args, "--out", str(tmp_path / "whole")]) == 0
     out = tmp_path / "killed"
-    process = subprocess.Popen([*command, "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [*command, "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     first_shard = shard_files(out, "train", 0)[2]
     while not first_shard.exists() and process.poll() is None:
         time.sleep(0.002)
@@ -391,8 +459,13 @@ def test_kill_minus_nine_during_prepare_then_rerun_gives_the_uninterrupted_folde
 
 
 def test_prepare_killed_after_the_train_budget_still_finishes_validation(jsonl_source, prepared, tmp_path, monkeypatch):
-    args = {"tokenizer": prepared / "tokenizer.json", "max_tokens": 3000, "shard_tokens": 1000,
-            "validation_fraction": 0.05, "show_progress": False}
+    args = {
+        "tokenizer": prepared / "tokenizer.json",
+        "max_tokens": 3000,
+        "shard_tokens": 1000,
+        "validation_fraction": 0.05,
+        "show_progress": False,
+    }
     whole = prep.prepare(str(jsonl_source[0]), tmp_path / "whole", **args)
     real_write = prep.write_shard
 

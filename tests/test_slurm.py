@@ -26,11 +26,14 @@ ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", 
 def slurm_cluster():
     missing = [tool for tool in ("sbatch", "sinfo", "scontrol", "scancel") if shutil.which(tool) is None]
     if missing:
-        pytest.skip(f"SLURM client tools not installed ({', '.join(missing)}); "
-                    "`sudo tools/local_slurm.sh` sets up a one-host cluster")
+        pytest.skip(
+            f"SLURM client tools not installed ({', '.join(missing)}); "
+            "`sudo tools/local_slurm.sh` sets up a one-host cluster"
+        )
     try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"],
-                             capture_output=True, text=True, timeout=20, check=False)
+        out = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=20, check=False
+        )
     except subprocess.TimeoutExpired:
         pytest.skip("sinfo did not answer within 20 s: no SLURM controller is up (`sudo tools/local_slurm.sh`)")
     if out.returncode != 0:
@@ -51,8 +54,9 @@ class Job:
         self.timings: dict[str, float] = {}
 
     def fields(self) -> dict[str, str]:
-        out = subprocess.run(["scontrol", "show", "job", "-o", self.id],
-                             capture_output=True, text=True, timeout=20, check=False)
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", self.id], capture_output=True, text=True, timeout=20, check=False
+        )
         return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
 
     def state(self) -> str:
@@ -71,8 +75,9 @@ class Job:
             if state not in ACTIVE_STATES and not done():
                 pytest.fail(f"job {self.id} is {state} while waiting for {what}; log {self.log}:\n{self.tail()}")
             if time.monotonic() > deadline:
-                pytest.fail(f"no {what} within {timeout:.0f} s (job {self.id} is {state}); log {self.log}:\n"
-                            f"{self.tail()}")
+                pytest.fail(
+                    f"no {what} within {timeout:.0f} s (job {self.id} is {state}); log {self.log}:\n{self.tail()}"
+                )
             time.sleep(0.5)
 
     def tail(self, lines: int = 60) -> str:
@@ -90,9 +95,17 @@ def submit(small_data, tmp_path: Path, steps: int, nodes: int = 1) -> Job:
         "OMP_NUM_THREADS": "1",  # steady step times on a small shared machine
     }
     command = [
-        "sbatch", "--parsable", "--export=ALL", "--job-name=titan_lrt_test",
-        f"--nodes={nodes}", "--gpus-per-node=0", "--time=15", f"--output={tmp_path}/%x-%j.out",
-        str(SBATCH), str(config), *args,
+        "sbatch",
+        "--parsable",
+        "--export=ALL",
+        "--job-name=titan_lrt_test",
+        f"--nodes={nodes}",
+        "--gpus-per-node=0",
+        "--time=15",
+        f"--output={tmp_path}/%x-%j.out",
+        str(SBATCH),
+        str(config),
+        *args,
     ]
     out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, f"sbatch failed: {out.stderr}"
@@ -107,8 +120,10 @@ def complete_checkpoints(dump: Path) -> list[int]:
 @pytest.mark.parametrize("nodes", [1, 2])
 def test_preemption_warning_saves_requeues_and_resumes(slurm_cluster, small_data, tmp_path, nodes):
     if slurm_cluster < nodes:
-        pytest.skip(f"needs {nodes} idle SLURM nodes, the cluster has {slurm_cluster} "
-                    f"(on one machine: sudo tools/local_slurm.sh --nodes {nodes})")
+        pytest.skip(
+            f"needs {nodes} idle SLURM nodes, the cluster has {slurm_cluster} "
+            f"(on one machine: sudo tools/local_slurm.sh --nodes {nodes})"
+        )
     dump = tmp_path / "run"
     job = submit(small_data, tmp_path, STEPS, nodes)
     try:
@@ -134,8 +149,10 @@ def test_preemption_warning_saves_requeues_and_resumes(slurm_cluster, small_data
         # the second run started from the saved step: no step before it was trained twice
         second_run = text.split(f"resumed from step {saved}")[1]
         assert f"step {saved:6d} |" not in second_run and f"step {saved + 1:6d} |" in second_run
-        print(f"\njob {job.id} ({nodes} node(s)) timings (s since submission): "
-              + ", ".join(f"{k} {v:.1f}" for k, v in job.timings.items()))
+        print(
+            f"\njob {job.id} ({nodes} node(s)) timings (s since submission): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in job.timings.items())
+        )
     finally:
         subprocess.run(["scancel", job.id], check=False, timeout=20)
 

@@ -18,8 +18,9 @@ from titan_lrt.parallel.float8 import apply_float8
 
 def _args(**lrt) -> ModelArgs:
     lrt = {"mode": "interleaved", "num_subsets": 2, **lrt}
-    return ModelArgs(vocab_size=128, n_layers=2, dim=64, n_heads=2, max_seq_len=64, value_embeds="all",
-                     lrt=LRTArgs(**lrt))
+    return ModelArgs(
+        vocab_size=128, n_layers=2, dim=64, n_heads=2, max_seq_len=64, value_embeds="all", lrt=LRTArgs(**lrt)
+    )
 
 
 def _pair(args: ModelArgs):
@@ -50,8 +51,11 @@ def _names(grads):
     return {n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): g for n, g in grads.items()}
 
 
-@pytest.mark.parametrize("lrt", [{"num_subsets": 2}, {"num_subsets": 3, "kv_refresh": True}, {"mode": "jacobi"}],
-                         ids=["s2", "s3_refresh", "jacobi"])
+@pytest.mark.parametrize(
+    "lrt",
+    [{"num_subsets": 2}, {"num_subsets": 3, "kv_refresh": True}, {"mode": "jacobi"}],
+    ids=["s2", "s3_refresh", "jacobi"],
+)
 def test_compiled_blocks_match_eager_and_never_recompile_after_the_first_step(lrt):
     eager, compiled = _pair(_args(**lrt))
     apply_compile(compiled)
@@ -82,7 +86,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(mode, option
 
 
 def test_activation_checkpointing_rejects_bad_options():
-    with pytest.raises(ValueError, match="allowed \"op\" or a positive integer"):
+    with pytest.raises(ValueError, match='allowed "op" or a positive integer'):
         apply_activation_checkpointing(Transformer(_args()), mode="selective", selective_option="every")
     with pytest.raises(ConfigError, match="activation_checkpoint.mode='half'"):  # modes: checked as the config loads
         load_config(["--activation_checkpoint.mode=half"])
@@ -116,8 +120,16 @@ def test_real_float8_is_refused_without_hardware_support():
 
 
 def test_flop_count_of_a_tiny_config_by_hand():
-    a = ModelArgs(vocab_size=100, n_layers=2, dim=64, n_heads=2, max_seq_len=16, value_embeds="none",
-                  gate_channels=8, lrt=LRTArgs(mode="interleaved", num_subsets=4))
+    a = ModelArgs(
+        vocab_size=100,
+        n_layers=2,
+        dim=64,
+        n_heads=2,
+        max_seq_len=16,
+        value_embeds="none",
+        gate_channels=8,
+        lrt=LRTArgs(mode="interleaved", num_subsets=4),
+    )
     T = 16
     blocks = 2 * (64 * (2 * 64 + 2 * 64) + 2 * 64 * 256)  # wq wk wv wo + w1 w2, per layer
     gates = 2 * (8 * 2 * 2)  # local + feedback gates, 2 kv heads, 8 input channels
@@ -129,13 +141,21 @@ def test_flop_count_of_a_tiny_config_by_hand():
     flops = step_flops(a, T)
     assert flops.passes["pass0"] == 6 * (blocks + gates + attention + head)
     assert sum(v for k, v in flops.passes.items() if k.startswith("subset")) == pytest.approx(
-        6 * (blocks + gates + attention + head + feedback))
+        6 * (blocks + gates + attention + head + feedback)
+    )
     baseline = 6 * (2 * (64 * (2 * 64 + 2 * 64) + 2 * 64 * 256) + attention + head)
     assert flops.baseline == baseline
 
 
-@pytest.mark.parametrize("lrt", [{"mode": "off"}, {"num_subsets": 2}, {"num_subsets": 4, "kv_refresh": True},
-                                 {"mode": "jacobi", "jacobi_passes": 3}])
+@pytest.mark.parametrize(
+    "lrt",
+    [
+        {"mode": "off"},
+        {"num_subsets": 2},
+        {"num_subsets": 4, "kv_refresh": True},
+        {"mode": "jacobi", "jacobi_passes": 3},
+    ],
+)
 def test_counted_flops_are_the_flops_the_step_executes(lrt):
     """PyTorch's FLOP counter sees every matmul of a real step (not the CPU attention
     kernel); with attention added by hand it equals the accounting."""
@@ -148,7 +168,10 @@ def test_counted_flops_are_the_flops_the_step_executes(lrt):
         run_schedule(model, tokens, targets, backward=lambda loss, last: loss.backward())
     matmuls = counter.get_total_flops() / tokens.numel()
     passes = step_flops(args, T).passes
-    n_passes = 1 + (args.lrt.jacobi_passes - 1 if args.lrt.mode == "jacobi" else 0) + (
-        1 if args.lrt.mode == "interleaved" else 0)  # the subset passes together cover T once
+    n_passes = (
+        1
+        + (args.lrt.jacobi_passes - 1 if args.lrt.mode == "jacobi" else 0)
+        + (1 if args.lrt.mode == "interleaved" else 0)
+    )  # the subset passes together cover T once
     attention = 6 * 2 * (2 * 64 * (T + 1) / 2) * n_passes
     assert matmuls + attention == pytest.approx(sum(passes.values()), rel=1e-9)

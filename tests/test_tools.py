@@ -52,8 +52,11 @@ def test_export_round_trips_are_bit_exact(trained, tmp_path):
     assert convert([str(tmp_path / "exported"), str(tmp_path / "dcp"), "--to", "dcp"]) == 0
     assert convert([str(tmp_path / "dcp"), str(tmp_path / "model.pt"), "--to", "torch"]) == 0
     assert convert([str(dump), str(tmp_path / "latest.pt"), "--to", "torch"]) == 0  # dump folder: newest step
-    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["config.json", "model.safetensors",
-                                                                         "tokenizer.json"]
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
     assert convert([str(step), str(tmp_path / "model.pt"), "--to", "torch"]) == 2  # never overwrites
 
     original = read_model_files(step)
@@ -67,8 +70,15 @@ def test_export_round_trips_are_bit_exact(trained, tmp_path):
     # the converted DCP folder is a complete checkpoint that a new run loads as its initial weights
     assert checkpoint_problem(tmp_path / "dcp") is None
     fresh = Transformer(original.args)
-    manager = CheckpointManager(tmp_path / "new_run", {"model": ModelWrapper(fresh)}, interval=1, keep_latest_k=0,
-                                async_mode="disabled", load="latest", initial_load_path=tmp_path / "dcp")
+    manager = CheckpointManager(
+        tmp_path / "new_run",
+        {"model": ModelWrapper(fresh)},
+        interval=1,
+        keep_latest_k=0,
+        async_mode="disabled",
+        load="latest",
+        initial_load_path=tmp_path / "dcp",
+    )
     assert manager.load() == 0
     assert_same_tensors(fresh.state_dict(), weights)
 
@@ -91,8 +101,28 @@ def test_generate_is_reproducible_with_a_seed_from_any_model_form(trained, tmp_p
 
     def run(model, *extra):
         out = io.StringIO()
-        assert generate([str(model), "def f(x):", "import os", "--max-new-tokens", "12", "--temperature", "1.0",
-                         "--top-k", "50", "--top-p", "0.9", "--batch-size", "2", *extra], out=out) == 0
+        assert (
+            generate(
+                [
+                    str(model),
+                    "def f(x):",
+                    "import os",
+                    "--max-new-tokens",
+                    "12",
+                    "--temperature",
+                    "1.0",
+                    "--top-k",
+                    "50",
+                    "--top-p",
+                    "0.9",
+                    "--batch-size",
+                    "2",
+                    *extra,
+                ],
+                out=out,
+            )
+            == 0
+        )
         return out.getvalue()
 
     first = run(dump, "--seed", "3")
@@ -108,15 +138,32 @@ def test_generate_is_reproducible_with_a_seed_from_any_model_form(trained, tmp_p
     prompt = [tok.bos_id, *tok.encode("class A:")]
     expected = generate_tokens(model, [prompt], 10, temperature=0.8, top_k=20, seed=5, stop_tokens=[tok.bos_id])[0]
     out = io.StringIO()
-    assert generate([str(exported), "class A:", "--max-new-tokens", "10", "--temperature", "0.8", "--top-k", "20",
-                     "--seed", "5"], out=out) == 0
+    assert (
+        generate(
+            [
+                str(exported),
+                "class A:",
+                "--max-new-tokens",
+                "10",
+                "--temperature",
+                "0.8",
+                "--top-k",
+                "20",
+                "--seed",
+                "5",
+            ],
+            out=out,
+        )
+        == 0
+    )
     assert out.getvalue() == "class A:" + tok.decode([t for t in expected if t != tok.bos_id]) + "\n"
 
 
 def test_greedy_generation_is_the_same_for_every_prefill_mode_of_a_baseline(small_data, tmp_path):
     _, tokenizer_path = small_data
-    args = ModelArgs(vocab_size=512, n_layers=2, dim=64, n_heads=2, max_seq_len=64, value_embeds="all",
-                     lrt=LRTArgs(mode="off"))
+    args = ModelArgs(
+        vocab_size=512, n_layers=2, dim=64, n_heads=2, max_seq_len=64, value_embeds="all", lrt=LRTArgs(mode="off")
+    )
     torch.manual_seed(0)
     model = Transformer(args)
     model.init_weights()
@@ -129,8 +176,23 @@ def test_greedy_generation_is_the_same_for_every_prefill_mode_of_a_baseline(smal
     outputs = {}
     for mode in ("exact", "schedule", "zero"):
         out = io.StringIO()
-        assert generate([str(tmp_path / "baseline"), "def f(x):", "for i in range(10):", "--temperature", "0",
-                         "--max-new-tokens", "16", "--prefill", mode], out=out) == 0
+        assert (
+            generate(
+                [
+                    str(tmp_path / "baseline"),
+                    "def f(x):",
+                    "for i in range(10):",
+                    "--temperature",
+                    "0",
+                    "--max-new-tokens",
+                    "16",
+                    "--prefill",
+                    mode,
+                ],
+                out=out,
+            )
+            == 0
+        )
         outputs[mode] = out.getvalue()
     assert outputs["exact"] == outputs["schedule"] == outputs["zero"]
     assert len(outputs["exact"]) > len("[0] def f(x):\n[1] for i in range(10):\n")
@@ -138,10 +200,19 @@ def test_greedy_generation_is_the_same_for_every_prefill_mode_of_a_baseline(smal
 
 def test_plan_matched_arithmetic_equals_a_hand_count(capsys):
     plan_matched = tool("plan_matched")
-    argv = ["--model.n_layers=2", "--model.dim=64", "--model.n_heads=2", "--model.value_embeds=none",
-            "--model.tokenizer_path=/no/tokenizer.json", "--model.vocab_size=500", "--training.seq_len=64",
-            "--training.local_batch_size=4", "--lrt.mode=interleaved", "--lrt.num_subsets=2",
-            "--job.dump_folder=out/tiny"]
+    argv = [
+        "--model.n_layers=2",
+        "--model.dim=64",
+        "--model.n_heads=2",
+        "--model.value_embeds=none",
+        "--model.tokenizer_path=/no/tokenizer.json",
+        "--model.vocab_size=500",
+        "--training.seq_len=64",
+        "--training.local_batch_size=4",
+        "--lrt.mode=interleaved",
+        "--lrt.num_subsets=2",
+        "--job.dump_folder=out/tiny",
+    ]
     # forward multiply-adds per token, T = 64 (a causal query sees 65/2 keys on average)
     layer = 64 * (64 + 64 + 64 + 64) + 2 * 64 * 256 + 2 * 64 * 65 / 2  # wq wk wv wo, MLP, QK^T and PV
     gates = 32 * 2 * 2  # 32 gate channels -> (local, feedback) x 2 KV heads; LRT only
@@ -201,8 +272,28 @@ def test_an_exported_model_evaluates_like_its_checkpoint(trained, tmp_path, caps
     reports = {}
     for name, model in (("dcp", dump), ("exported", tmp_path / "exported")):
         out = tmp_path / f"{name}.json"
-        assert eval_main(["--checkpoint", str(model), "--data", "stdlib", "--batches", "1", "--batch-size", "2",
-                          "--seq-len", "32", "--modes", "merged,zero", "--no-progress", "--json", str(out)]) == 0
+        assert (
+            eval_main(
+                [
+                    "--checkpoint",
+                    str(model),
+                    "--data",
+                    "stdlib",
+                    "--batches",
+                    "1",
+                    "--batch-size",
+                    "2",
+                    "--seq-len",
+                    "32",
+                    "--modes",
+                    "merged,zero",
+                    "--no-progress",
+                    "--json",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         reports[name] = json.loads(out.read_text())["bpb"]["scores"]
     capsys.readouterr()
     assert reports["exported"] == reports["dcp"]

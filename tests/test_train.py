@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import scalars, tiny_args
+
 from titan_lrt.config import load_config
 from titan_lrt.preemption import StopRequest
 from titan_lrt.train import Trainer, main
@@ -21,8 +21,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_short_run_loss_falls_and_logs_to_tensorboard(small_data, tmp_path):
     torch.set_num_threads(2)
-    config, _ = load_config(tiny_args(small_data, tmp_path, "--training.steps=40", "--eval.interval=40",
-                                      "--eval.exact_sequences=1", "--training.global_batch_size=8"))
+    config, _ = load_config(
+        tiny_args(
+            small_data,
+            tmp_path,
+            "--training.steps=40",
+            "--eval.interval=40",
+            "--eval.exact_sequences=1",
+            "--training.global_batch_size=8",
+        )
+    )
     trainer = Trainer(config)
     assert trainer.grad_accum == 2
     trainer.resume()
@@ -31,16 +39,27 @@ def test_short_run_loss_falls_and_logs_to_tensorboard(small_data, tmp_path):
     assert sorted(losses) == list(range(1, 41))
     first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(36, 41)) / 5
     assert last < first - 1.0, (first, last)
-    for tag in ("loss/pass0", "loss/pass2", "loss/merged_minus_pass0", "lrt/gamma_mean", "lrt/gate_feedback_pass1",
-                "optim/lr", "optim/grad_norm", "throughput/tokens_per_s", "val/bpb_merged", "val/bpb_exact"):
+    for tag in (
+        "loss/pass0",
+        "loss/pass2",
+        "loss/merged_minus_pass0",
+        "lrt/gamma_mean",
+        "lrt/gate_feedback_pass1",
+        "optim/lr",
+        "optim/grad_norm",
+        "throughput/tokens_per_s",
+        "val/bpb_merged",
+        "val/bpb_exact",
+    ):
         assert scalars(tmp_path / "tb", tag), tag
     assert (tmp_path / "checkpoints" / "step-00000040" / "complete.json").is_file()
     assert (tmp_path / "checkpoints" / "step-00000040" / "config.toml").is_file()
 
 
 def _run(args, **kw):
-    return subprocess.run([sys.executable, str(ROOT / "run_train.sh"), *args], capture_output=True, text=True,
-                          timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_train.sh"), *args], capture_output=True, text=True, timeout=300, **kw
+    )
 
 
 def test_kill_minus_nine_then_rerun_resumes_the_exact_loss_curve(small_data, tmp_path):
@@ -51,8 +70,9 @@ def test_kill_minus_nine_then_rerun_resumes_the_exact_loss_curve(small_data, tmp
 
     dump = tmp_path / "run"
     args = tiny_args(small_data, dump, steps, "--checkpoint.interval=4", "--data.num_workers=1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run_train.sh"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run_train.sh"), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + 240
     while not (dump / "checkpoints" / "step-00000008" / "complete.json").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
@@ -77,10 +97,16 @@ def test_kill_minus_nine_then_rerun_resumes_the_exact_loss_curve(small_data, tmp
 def test_stop_signal_finishes_the_step_saves_and_exits_cleanly(small_data, tmp_path, sig):
     """The signal goes to the whole process group, data-loader worker included (as
     torchrun and SLURM deliver it; Ctrl-C in a terminal too)."""
-    args = tiny_args(small_data, tmp_path, "--training.steps=100000", "--checkpoint.interval=100000",
-                     "--data.num_workers=1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run_train.sh"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    args = tiny_args(
+        small_data, tmp_path, "--training.steps=100000", "--checkpoint.interval=100000", "--data.num_workers=1"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run_train.sh"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while not (tmp_path / "tb").exists() or not scalars_or_empty(tmp_path / "tb"):
         assert proc.poll() is None and time.time() < deadline

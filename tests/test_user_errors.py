@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import tiny_args
+
 from titan_lrt.data.streams import DOCS_PER_CHUNK, stream_document_order
 from titan_lrt.train import CUBLAS_DETERMINISTIC_WORKSPACE, Trainer, main
 
@@ -61,14 +61,26 @@ def empty_documents(folder: Path) -> str:
 
 # (how to make the data, what the one line must say)
 BAD_DATA = {
-    "missing_column": (missing_column, r"error: text column 'text' not found in .*/bad\[train\]; "
-                                       r"available columns: \['content'\]; set data.text_column"),
-    "malformed_jsonl": (malformed_jsonl_line, r"error: .*/bad/train.jsonl line 6: not valid JSON \(.*\); "
-                                              "fix or remove the line"),
-    "non_utf8_txt": (non_utf8_txt, r"error: .*/bad/doc3.txt line 1: not valid UTF-8 \(byte 0xe9 at column 4\); "
-                                   "re-encode the file as UTF-8"),
-    "empty_documents": (empty_documents, r"error: .*/bad\[train\]: all 8 documents are empty in column 'text'; "
-                                         r"check the text column \(data.text_column\)"),
+    "missing_column": (
+        missing_column,
+        r"error: text column 'text' not found in .*/bad\[train\]; "
+        r"available columns: \['content'\]; set data.text_column",
+    ),
+    "malformed_jsonl": (
+        malformed_jsonl_line,
+        r"error: .*/bad/train.jsonl line 6: not valid JSON \(.*\); "
+        "fix or remove the line",
+    ),
+    "non_utf8_txt": (
+        non_utf8_txt,
+        r"error: .*/bad/doc3.txt line 1: not valid UTF-8 \(byte 0xe9 at column 4\); "
+        "re-encode the file as UTF-8",
+    ),
+    "empty_documents": (
+        empty_documents,
+        r"error: .*/bad\[train\]: all 8 documents are empty in column 'text'; "
+        r"check the text column \(data.text_column\)",
+    ),
 }
 
 
@@ -91,8 +103,11 @@ def test_bad_data_is_one_line_before_training_starts(small_data, tmp_path, capsy
 def test_seq_len_shorter_than_num_subsets_is_a_config_error(small_data, tmp_path, capsys):
     code = main(tiny_args(small_data, tmp_path, "--training.seq_len=3", "--lrt.num_subsets=4"))
     assert code == 2
-    assert_one_error_line(capsys.readouterr().out, r"config error: training.seq_len=3 is shorter than "
-                                                   r"lrt.num_subsets=4: .*raise training.seq_len or lower")
+    assert_one_error_line(
+        capsys.readouterr().out,
+        r"config error: training.seq_len=3 is shorter than "
+        r"lrt.num_subsets=4: .*raise training.seq_len or lower",
+    )
 
 
 def test_corrupt_tokenizer_file_is_one_line(small_data, tmp_path, capsys):
@@ -100,8 +115,11 @@ def test_corrupt_tokenizer_file_is_one_line(small_data, tmp_path, capsys):
     bad.write_text('{"model": 3')
     code = main(tiny_args(small_data, tmp_path / "run", f"--model.tokenizer_path={bad}"))
     assert code == 2
-    assert_one_error_line(capsys.readouterr().out, r"tokenizer file '.*tokenizer.json' is not a readable "
-                                                   r"tokenizer.json \(.*\); give another file")
+    assert_one_error_line(
+        capsys.readouterr().out,
+        r"tokenizer file '.*tokenizer.json' is not a readable "
+        r"tokenizer.json \(.*\); give another file",
+    )
 
 
 def test_non_utf8_row_mid_run_names_file_and_row_and_keeps_the_checkpoints(small_data, tmp_path, capsys):
@@ -114,11 +132,23 @@ def test_non_utf8_row_mid_run_names_file_and_row_and_keeps_the_checkpoints(small
     rows[bad_row] = b'{"text": "caf\xe9 au lait"}'
     source = write_jsonl(tmp_path / "bad" / "train.jsonl", rows)
     dump = tmp_path / "run"
-    code = main(tiny_args(small_data, dump, f"--data.dataset={source.parent}", "--data.num_streams=1",
-                          "--data.num_workers=1", "--training.steps=1000", "--checkpoint.interval=2"))
+    code = main(
+        tiny_args(
+            small_data,
+            dump,
+            f"--data.dataset={source.parent}",
+            "--data.num_streams=1",
+            "--data.num_workers=1",
+            "--training.steps=1000",
+            "--checkpoint.interval=2",
+        )
+    )
     assert code == 2
-    assert_one_error_line(capsys.readouterr().out, rf"error: .*/bad/train.jsonl line {bad_row + 1}: not valid "
-                                                   rf"UTF-8 \(byte 0xe9 at column 14\); .*\(row {bad_row} of ")
+    assert_one_error_line(
+        capsys.readouterr().out,
+        rf"error: .*/bad/train.jsonl line {bad_row + 1}: not valid "
+        rf"UTF-8 \(byte 0xe9 at column 14\); .*\(row {bad_row} of ",
+    )
     complete = sorted(dump.glob("checkpoints/step-*/complete.json"))
     assert complete, "no checkpoint before the bad row"
     step = json.loads(complete[-1].read_text())["step"]
@@ -134,8 +164,7 @@ def test_launcher_ends_with_the_trainers_line_and_its_exit_code(small_data, tmp_
     output = out.stdout + out.stderr
     assert out.returncode == 2, output
     assert out.stdout.splitlines()[-1] == (
-        f"error: text column 'text' not found in {source}[train]; available columns: ['content']; "
-        "set data.text_column"
+        f"error: text column 'text' not found in {source}[train]; available columns: ['content']; set data.text_column"
     ), output
     assert output.count("not found in") == 1, output  # said once, by the launcher for the trainer
     assert "Traceback" not in output and "ChildFailedError" not in output, output
@@ -151,16 +180,20 @@ def test_run_train_sh_counts_the_gpus_cuda_visible_devices_leaves(tmp_path, visi
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "nvidia-smi").write_text(
-        "#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: Fake (UUID: GPU-$i)\"; done\n"
+        '#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo "GPU $i: Fake (UUID: GPU-$i)"; done\n'
     )
     (fake / "nvidia-smi").chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "NGPU", "LOCAL_RANK",
-                                                              "TORCHELASTIC_RUN_ID")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("CUDA_VISIBLE_DEVICES", "NGPU", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+    }
     env.update(PATH=f"{fake}:{env['PATH']}", PYTHON="echo")
     if visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible
-    out = subprocess.run([str(ROOT / "run_train.sh"), "--config", "x.toml"], capture_output=True, text=True,
-                         env=env, timeout=60)
+    out = subprocess.run(
+        [str(ROOT / "run_train.sh"), "--config", "x.toml"], capture_output=True, text=True, env=env, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert f"--torchrun --standalone --nproc_per_node={expected} " in out.stdout, out.stdout
 
@@ -192,8 +225,14 @@ def test_launcher_ends_a_crash_with_the_rank_and_the_exception(tmp_path):
         "def main(argv):\n    raise ZeroDivisionError('the trainer divided by zero')\n"
         "train.main = main\ntrain.run([])\n"
     )
-    command = [sys.executable, str(ROOT / "run_train.sh"), "--torchrun", "--standalone", "--nproc_per_node=1",
-               str(script)]
+    command = [
+        sys.executable,
+        str(ROOT / "run_train.sh"),
+        "--torchrun",
+        "--standalone",
+        "--nproc_per_node=1",
+        str(script),
+    ]
     out = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out.stdout + out.stderr
     assert out.stdout.splitlines()[-1] == (

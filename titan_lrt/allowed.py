@@ -17,8 +17,14 @@ from dataclasses import field
 from typing import Any
 
 
-def setting(default: Any, *, choices: tuple | None = None, ge: float | None = None, le: float | None = None,
-            lt: float | None = None) -> Any:
+def setting(
+    default: Any,
+    *,
+    choices: tuple | None = None,
+    ge: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
     """A dataclass field with its default (the only one: builders take no defaults) and its allowed values."""
     allowed = {"choices": choices, "ge": ge, "le": le, "lt": lt}
     return field(default=default, metadata={k: v for k, v in allowed.items() if v is not None})
@@ -33,14 +39,18 @@ def problem(value: Any, metadata) -> str | None:
     ge, le, lt = metadata.get("ge"), metadata.get("le"), metadata.get("lt")
     if ge is None and le is None and lt is None:
         return None
-    if (math.isfinite(value) and (ge is None or value >= ge) and (le is None or value <= le)
-            and (lt is None or value < lt)):
+    if (
+        math.isfinite(value)
+        and (ge is None or value >= ge)
+        and (le is None or value <= le)
+        and (lt is None or value < lt)
+    ):
         return None
     return " must be " + _range_text(metadata, isinstance(value, float))
 
 
 def message(key: str, value: Any, metadata) -> str | None:
-    """"<key>=<value><problem>", or None when the value is allowed."""
+    """ "<key>=<value><problem>", or None when the value is allowed."""
     wrong = problem(value, metadata)
     if wrong is None:
         return None

@@ -82,7 +82,11 @@ logger = logging.getLogger(__name__)
 # when asked for exactly that with no_dist=True.
 warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)", category=UserWarning)
 
-_ASYNC_WRITERS = {"disabled": None, "async": AsyncCheckpointerType.THREAD, "async_process": AsyncCheckpointerType.PROCESS}
+_ASYNC_WRITERS = {
+    "disabled": None,
+    "async": AsyncCheckpointerType.THREAD,
+    "async_process": AsyncCheckpointerType.PROCESS,
+}
 ASYNC_MODES = tuple(_ASYNC_WRITERS)
 """checkpoint.async_mode: see `CheckpointManager`."""
 MARKER = "complete.json"
@@ -228,8 +232,11 @@ def _encode_tensor(value: Any) -> dict[str, Any]:
         raise TypeError(f"per-rank checkpoint states hold JSON types and tensors, not {type(value).__name__}")
     value = value.detach().cpu().contiguous()
     raw = value.view(torch.uint8).numpy().tobytes() if value.numel() else b""
-    return {_TENSOR: str(value.dtype).removeprefix("torch."), "shape": list(value.shape),
-            "data": base64.b64encode(raw).decode()}
+    return {
+        _TENSOR: str(value.dtype).removeprefix("torch."),
+        "shape": list(value.shape),
+        "data": base64.b64encode(raw).decode(),
+    }
 
 
 def _decode_tensor(obj: dict[str, Any]) -> Any:
@@ -378,8 +385,14 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     ALLOWED: ClassVar[dict[str, set[str]]] = {
         "torch.distributed.checkpoint.metadata": {
-            "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-            "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING",
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
         },
         "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
         "torch.serialization": {"_get_layout"},
@@ -561,7 +574,11 @@ class CheckpointManager:
             else:
                 future = dcp.async_save(state_dict, async_checkpointer_type=self._async_writer, **kwargs)
                 self._pending = _PendingSave(step, partial, started, future, needed)
-                logger.info("checkpoint step %d: staged in %.2f s, writing in the background", step, time.perf_counter() - started)
+                logger.info(
+                    "checkpoint step %d: staged in %.2f s, writing in the background",
+                    step,
+                    time.perf_counter() - started,
+                )
         except (Exception, CheckpointException) as err:  # noqa: BLE001 - re-raised by _save_failed
             self._save_failed(err, step, partial, needed)
         self._last_saved = step
@@ -607,10 +624,15 @@ class CheckpointManager:
         if not counts.any():
             self.refused = None
             return False
-        where = (f"{bad[0]!r}" + (f" and {len(bad) - 1} more tensors" if len(bad) > 1 else "")) if bad else (
-            f"tensors of rank(s) {counts.nonzero().flatten().tolist()}")
-        self.refused = (f"checkpoint step {step} NOT saved: non-finite values (nan/inf) in {where}; "
-                        f"the newest checkpoint in {self.folder} is left as it was")
+        where = (
+            (f"{bad[0]!r}" + (f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""))
+            if bad
+            else (f"tensors of rank(s) {counts.nonzero().flatten().tolist()}")
+        )
+        self.refused = (
+            f"checkpoint step {step} NOT saved: non-finite values (nan/inf) in {where}; "
+            f"the newest checkpoint in {self.folder} is left as it was"
+        )
         if bad or self.rank == 0:
             logger.error("%s", self.refused)
         return True

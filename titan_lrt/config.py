@@ -436,9 +436,7 @@ def load_config(argv: list[str]) -> tuple[Config, bool]:
                 key, value = arg[2:], "true"
             overrides.append((key, value))
         else:
-            raise ConfigError(
-                f"unexpected argument {arg!r}: use --config FILE, --print-config or --section.key=value"
-            )
+            raise ConfigError(f"unexpected argument {arg!r}: use --config FILE, --print-config or --section.key=value")
         i += 1
 
     config = Config()
@@ -651,4 +649,3 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")
-

@@ -124,8 +124,10 @@ def read_model_files(path: str | os.PathLike, tokenizer_path: str | os.PathLike 
     path = Path(path)
     if path.is_file() or (path / WEIGHTS_FILE).is_file():
         if tokenizer_path is not None:
-            raise ValueError(f"{path} is an exported model and carries its own tokenizer; a tokenizer path "
-                             "applies only to DCP checkpoints")
+            raise ValueError(
+                f"{path} is an exported model and carries its own tokenizer; a tokenizer path "
+                "applies only to DCP checkpoints"
+            )
         return read_exported(path)
     return read_checkpoint(path, tokenizer_path)
 
@@ -136,8 +138,10 @@ def read_exported(path: str | os.PathLike) -> ModelFiles:
     if path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(saved, dict) or set(saved) != {"config", "state_dict", "tokenizer"}:
-            raise ValueError(f"{path} is not an exported titan_lrt torch file: expected a dict with keys "
-                             f"config, state_dict, tokenizer; got {_describe_keys(saved)}")
+            raise ValueError(
+                f"{path} is not an exported titan_lrt torch file: expected a dict with keys "
+                f"config, state_dict, tokenizer; got {_describe_keys(saved)}"
+            )
         config, state_dict, tokenizer_json = saved["config"], saved["state_dict"], saved["tokenizer"]
     elif path.is_dir():
         missing = [n for n in (WEIGHTS_FILE, CONFIG_FILE, RUN_TOKENIZER) if not (path / n).is_file()]
@@ -149,8 +153,10 @@ def read_exported(path: str | os.PathLike) -> ModelFiles:
     else:
         raise FileNotFoundError(f"exported model {str(path)!r} does not exist")
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: config format {config.get('format')!r} version {config.get('format_version')!r}; "
-                         f"this code reads {FORMAT!r} version {FORMAT_VERSION}")
+        raise ValueError(
+            f"{path}: config format {config.get('format')!r} version {config.get('format_version')!r}; "
+            f"this code reads {FORMAT!r} version {FORMAT_VERSION}"
+        )
     return ModelFiles(
         state_dict=state_dict,
         args=model_args_from_dict(config["model_args"]),
@@ -167,8 +173,10 @@ def read_checkpoint(path: str | os.PathLike, tokenizer_path: str | os.PathLike |
     folder = find_checkpoint(path)
     config_file = folder / RUN_CONFIG
     if not config_file.is_file():
-        raise FileNotFoundError(f"{folder} has no {RUN_CONFIG}: cannot tell the model's arguments "
-                                "(the trainer writes the run's config into every step folder)")
+        raise FileNotFoundError(
+            f"{folder} has no {RUN_CONFIG}: cannot tell the model's arguments "
+            "(the trainer writes the run's config into every step folder)"
+        )
     try:
         config, _ = load_config(["--config", str(config_file)])
     except ConfigError as err:
@@ -198,8 +206,10 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     (newer ones that fail their checks are skipped with a warning)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no model at {str(path)!r}: it does not exist; give a checkpoint step folder "
-                                "(…/checkpoints/step-N), a run folder, or an exported model")
+        raise FileNotFoundError(
+            f"no model at {str(path)!r}: it does not exist; give a checkpoint step folder "
+            "(…/checkpoints/step-N), a run folder, or an exported model"
+        )
     if (path / METADATA).is_file():
         problem = checkpoint_problem(path, verify=True)
         if problem is not None:
@@ -333,7 +343,7 @@ def _read_dcp_model(folder: Path, metadata: Any) -> dict[str, Tensor]:
     """The `model.*` tensors of a DCP checkpoint, in their saved dtypes (the rest is not read)."""
     prefix = MODEL + "."
     state = {
-        key[len(prefix):]: torch.empty(md.size, dtype=md.properties.dtype)
+        key[len(prefix) :]: torch.empty(md.size, dtype=md.properties.dtype)
         for key, md in metadata.state_dict_metadata.items()
         if key.startswith(prefix) and isinstance(md, TensorStorageMetadata)
     }
@@ -362,8 +372,10 @@ def model_config(args: ModelArgs, source: str) -> Config:
 def _new_output(path: str | os.PathLike, is_dir: bool) -> Path:
     path = Path(path)
     if path.exists() and not (is_dir and path.is_dir() and not any(path.iterdir())):
-        raise FileExistsError(f"output {str(path)!r} exists; remove it or choose another "
-                              + ("folder (an empty one is fine)" if is_dir else "file"))
+        raise FileExistsError(
+            f"output {str(path)!r} exists; remove it or choose another "
+            + ("folder (an empty one is fine)" if is_dir else "file")
+        )
     return path
 
 

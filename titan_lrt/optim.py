@@ -98,9 +98,7 @@ def parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter
             raise ValueError(f"matrix parameter {name!r} has shape {tuple(param.shape)}; matrices must be 2-D")
         groups[group].append((name, param))
     if unmatched:
-        raise ValueError(
-            f"parameters in no optimizer group {GROUPS}: {unmatched}; add them to titan_lrt.optim._RULES"
-        )
+        raise ValueError(f"parameters in no optimizer group {GROUPS}: {unmatched}; add them to titan_lrt.optim._RULES")
     return groups
 
 

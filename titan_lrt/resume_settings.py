@@ -39,14 +39,18 @@ APPLIED_ANYWAY = ("model.tokenizer_path",)
 
 def flat_settings(toml_text: str) -> dict[str, Any]:
     """{"section.key": value} of a config as TOML."""
-    return {f"{section}.{key}": value for section, values in tomllib.loads(toml_text).items()
-            for key, value in values.items()}
+    return {
+        f"{section}.{key}": value
+        for section, values in tomllib.loads(toml_text).items()
+        for key, value in values.items()
+    }
 
 
 def settings_diff(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """key -> (saved value, current value) of every key whose value differs (None: absent)."""
-    return {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
-            if saved.get(k) != current.get(k)}
+    return {
+        k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)
+    }
 
 
 def is_fixed(key: str) -> bool:
@@ -63,8 +67,10 @@ def refusal(diff: dict[str, tuple[Any, Any]]) -> str | None:
         return None
     key, (old, new) = fixed[0], diff[fixed[0]]
     more = f" (and {', '.join(fixed[1:])})" if len(fixed) > 1 else ""
-    return (f"{key} changed at resume ({_show(old)} -> {_show(new)}){more}: the checkpoint's states depend on it; "
-            f"set it back, or start a new run (another job.dump_folder, or checkpoint.load = \"none\")")
+    return (
+        f"{key} changed at resume ({_show(old)} -> {_show(new)}){more}: the checkpoint's states depend on it; "
+        f'set it back, or start a new run (another job.dump_folder, or checkpoint.load = "none")'
+    )
 
 
 def describe_diff(diff: dict[str, tuple[Any, Any]]) -> list[str]:

@@ -1,10 +1,10 @@
 """The trainer: builds the pieces from the config, then runs the training loop.
 
-    for each step:
-        for each micro-batch:                 # gradient accumulation
-            run the LRT schedule on it        # pass 0 + refinement passes, with backward
-        clip, guard against NaN/inf, optimizer step, LR step
-        log / evaluate / checkpoint
+for each step:
+    for each micro-batch:                 # gradient accumulation
+        run the LRT schedule on it        # pass 0 + refinement passes, with backward
+    clip, guard against NaN/inf, optimizer step, LR step
+    log / evaluate / checkpoint
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from titan_lrt.data.prepared import require_data_source
 from titan_lrt.data.sources import DataError
 from titan_lrt.data.tokenizer import Tokenizer, ensure_tokenizer
 from titan_lrt.eval.bpb import evaluate_bpb
-from titan_lrt.launcher import report_crash, report_user_error
 from titan_lrt.guards import (
     MAX_ROLLBACKS_IN_A_ROW,
     LossSpikeError,
@@ -38,6 +37,7 @@ from titan_lrt.guards import (
     TrainingHalted,
     nonfinite_count,
 )
+from titan_lrt.launcher import report_crash, report_user_error
 from titan_lrt.metrics import (
     MetricsLogger,
     StepStats,
@@ -250,7 +250,8 @@ class Trainer:
             f"batch: {self.global_batch} sequences x {t.seq_len} tokens per step ({self.grad_accum} micro-batches "
             f"of {t.local_batch_size} on each of {self.dp_degree} data-parallel ranks"
             + (f", each sequence split over {self.cp.degree} context-parallel ranks" if self.cp else "")
-            + f"); device {self.device}, compute dtype {self.compute_dtype}" + (" (FSDP)" if self.fsdp else "")
+            + f"); device {self.device}, compute dtype {self.compute_dtype}"
+            + (" (FSDP)" if self.fsdp else "")
         )
 
     # ---- the loop -----------------------------------------------------------------
@@ -365,8 +366,9 @@ class Trainer:
     def train_step(self) -> StepStats:
         """One optimizer step over grad_accum micro-batches."""
         t = self.config.training
-        micro_batches = [tuple(x.to(self.device, non_blocking=True) for x in next(self.batches))
-                         for _ in range(self.grad_accum)]
+        micro_batches = [
+            tuple(x.to(self.device, non_blocking=True) for x in next(self.batches)) for _ in range(self.grad_accum)
+        ]
         counts = self._global_target_counts(micro_batches)
         results: list[StepResult] = []
         for k, (inputs, targets) in enumerate(micro_batches):
@@ -416,7 +418,7 @@ class Trainer:
         message = (
             f"non-finite values at step {step}: loss {float(loss)}, gradient norm {float(grad_norm)}. "
             "Lower optimizer.lr, raise lr_scheduler.warmup_steps or check the data; "
-            "training.nonfinite = \"skip\" skips such steps instead."
+            'training.nonfinite = "skip" skips such steps instead.'
         )
         if self.config.training.nonfinite == "stop":
             raise NonFiniteError(message + " Stopping; the last checkpoint is intact.")
@@ -452,8 +454,10 @@ class Trainer:
                 self.rollbacks_in_a_row = 0  # got past the previous spike
             return False
         first = self.spike_guard.first_flagged
-        message = (f"loss spike: loss {loss:.4f} at step {step}, above {t.spike_factor} x its running mean {mean:.4f} "
-                   f"for {t.spike_patience} steps in a row (since step {first})")
+        message = (
+            f"loss spike: loss {loss:.4f} at step {step}, above {t.spike_factor} x its running mean {mean:.4f} "
+            f"for {t.spike_patience} steps in a row (since step {first})"
+        )
         self.metrics.log(step, {"guard/loss_spike": 1.0})
         if t.spike_action == "warn":
             logger.warning(message)
@@ -462,7 +466,7 @@ class Trainer:
         if t.spike_action == "stop":
             raise LossSpikeError(
                 f"{message}. Stopping; lower optimizer.lr or raise lr_scheduler.warmup_steps, or set "
-                "training.spike_action = \"rollback\" to reload the last good checkpoint and skip the batches."
+                'training.spike_action = "rollback" to reload the last good checkpoint and skip the batches.'
             )
         self._roll_back(step, first, message)
         return True
@@ -474,14 +478,20 @@ class Trainer:
         The loss of step k is computed with the weights saved at step k - 1: the newest good
         checkpoint is the newest at or below first_flagged - 2."""
         if self.rollbacks_in_a_row >= MAX_ROLLBACKS_IN_A_ROW:
-            raise LossSpikeError(f"{message}; {MAX_ROLLBACKS_IN_A_ROW} rollbacks in a row did not get past it. "
-                                 "Stopping; lower optimizer.lr or raise lr_scheduler.warmup_steps.")
+            raise LossSpikeError(
+                f"{message}; {MAX_ROLLBACKS_IN_A_ROW} rollbacks in a row did not get past it. "
+                "Stopping; lower optimizer.lr or raise lr_scheduler.warmup_steps."
+            )
         folder = self.checkpointer.folder
-        good = [s for s, path in ckpt.step_folders(folder)
-                if s <= first_flagged - 2 and ckpt.checkpoint_problem(path) is None]
+        good = [
+            s
+            for s, path in ckpt.step_folders(folder)
+            if s <= first_flagged - 2 and ckpt.checkpoint_problem(path) is None
+        ]
         if not self.config.checkpoint.enable or not good:
-            raise LossSpikeError(f"{message}; no checkpoint from before step {first_flagged - 1} in {folder} to "
-                                 "roll back to. Stopping.")
+            raise LossSpikeError(
+                f"{message}; no checkpoint from before step {first_flagged - 1} in {folder} to roll back to. Stopping."
+            )
         target = max(good)
         data_position = self.train_loader.state_dict()
         self.checkpointer.load(target)
@@ -495,8 +505,10 @@ class Trainer:
         self.spike_guard.reset_flags()
         self.rollbacks_in_a_row += 1
         self.last_spike_step = step
-        logger.warning(f"{message}; rolled back to step {target} and skipping the batches of steps "
-                       f"{target + 1}..{step} (rollback {self.rollbacks_in_a_row} in a row)")
+        logger.warning(
+            f"{message}; rolled back to step {target} and skipping the batches of steps "
+            f"{target + 1}..{step} (rollback {self.rollbacks_in_a_row} in a row)"
+        )
         self.metrics.log(step, {"guard/rollback_to_step": float(target)})
 
     # ---- logging and evaluation ----------------------------------------------------
@@ -577,8 +589,6 @@ def _deterministic_cublas() -> None:
     """cuBLAS is deterministic only with a fixed workspace, read from the environment when CUDA
     starts (PyTorch's reproducibility notes); a value the user set is kept."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
-
-
 
 
 def main(argv: list[str]) -> int:

@@ -5,8 +5,8 @@
 
 Writes one file of (params x bytes-per-param / ranks) bytes, as a rank's `__r_0.distcp` (with
 fsync, as a save ends), reads it back (the load's read, page cache warm), and times
-`titan_lrt.checkpoint.file_checksum` on it (and the CRC-32 of as many bytes in memory): the save computes it once per file (rank 0, all
-files in parallel threads), the load verifies it once. Prints each time and the checksum's
+`titan_lrt.checkpoint.file_checksum` on it (and the CRC-32 of as many bytes in memory): the save
+computes it once per file (rank 0, all files in parallel threads), the load verifies it once. Prints each time and the checksum's
 share of the write and of the read. The file is removed at the end.
 """
 
@@ -56,11 +56,19 @@ def checksum_in_memory(nbytes: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=float, default=1.3e9, help="model parameters (default: %(default)s)")
-    parser.add_argument("--ranks", type=int, default=8, help="ranks the checkpoint is sharded over (default: %(default)s)")
-    parser.add_argument("--bytes-per-param", type=float, default=12,
-                        help="fp32 weights + two fp32 AdamW moments = 12 (default: %(default)s)")
+    parser.add_argument(
+        "--ranks", type=int, default=8, help="ranks the checkpoint is sharded over (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--bytes-per-param",
+        type=float,
+        default=12,
+        help="fp32 weights + two fp32 AdamW moments = 12 (default: %(default)s)",
+    )
     parser.add_argument("--folder", default=None, help="where to write the file (default: the temp folder)")
-    parser.add_argument("--repeats", type=int, default=2, help="checksum runs; the best is reported (default: %(default)s)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="checksum runs; the best is reported (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     nbytes = int(args.params * args.bytes_per_param / args.ranks)
     gb = nbytes / 1e9
@@ -73,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one rank's file: {gb:.2f} GB ({args.params:.3g} params x {args.bytes_per_param:g} B / {args.ranks} ranks)")
     print(f"write + fsync   {write_s:7.2f} s  {gb / write_s:6.2f} GB/s")
     print(f"read (warm)     {read_s:7.2f} s  {gb / read_s:6.2f} GB/s")
-    print(f"{CHECKSUM} (file)   {sum_s:7.2f} s  {gb / sum_s:6.2f} GB/s   "
-          f"save +{100 * sum_s / write_s:.0f}%, load +{100 * sum_s / read_s:.0f}%")
+    print(
+        f"{CHECKSUM} (file)   {sum_s:7.2f} s  {gb / sum_s:6.2f} GB/s   "
+        f"save +{100 * sum_s / write_s:.0f}%, load +{100 * sum_s / read_s:.0f}%"
+    )
     print(f"{CHECKSUM} (memory) {memory_s:7.2f} s  {gb / memory_s:6.2f} GB/s   the computation alone")
     return 0
 

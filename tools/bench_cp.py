@@ -33,13 +33,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_step import VARIANTS, peak_memory  # noqa: E402
+from bench_step import VARIANTS, peak_memory
 
-from titan_lrt.cpu_allocator import keep_freed_memory  # noqa: E402
-from titan_lrt.model.args import LRTArgs, ModelArgs  # noqa: E402
-from titan_lrt.model.schedule import run_schedule  # noqa: E402
-from titan_lrt.model.transformer import Transformer  # noqa: E402
-from titan_lrt.parallel.context_parallel import ContextParallel  # noqa: E402
+from titan_lrt.cpu_allocator import keep_freed_memory
+from titan_lrt.model.args import LRTArgs, ModelArgs
+from titan_lrt.model.schedule import run_schedule
+from titan_lrt.model.transformer import Transformer
+from titan_lrt.parallel.context_parallel import ContextParallel
 
 
 def _rank(rank: int, world: int, port: int, a: argparse.Namespace, out: str) -> None:
@@ -51,8 +51,14 @@ def _rank(rank: int, world: int, port: int, a: argparse.Namespace, out: str) -> 
         layout = ContextParallel(dist.group.WORLD)
     rows = []
     for T in a.seq_lens:
-        args = ModelArgs(vocab_size=a.vocab, n_layers=a.n_layers, dim=a.dim, n_heads=a.n_heads, max_seq_len=T,
-                         lrt=LRTArgs(**VARIANTS[a.variant]))
+        args = ModelArgs(
+            vocab_size=a.vocab,
+            n_layers=a.n_layers,
+            dim=a.dim,
+            n_heads=a.n_heads,
+            max_seq_len=T,
+            lrt=LRTArgs(**VARIANTS[a.variant]),
+        )
         torch.manual_seed(0)
         model = Transformer(args)
         model.init_weights()
@@ -76,9 +82,15 @@ def _rank(rank: int, world: int, port: int, a: argparse.Namespace, out: str) -> 
             cpu.append(time.process_time() - c0)
         if world > 1:
             dist.barrier()
-        rows.append({"seq_len": T, "median_s": statistics.median(times), "min_s": min(times),
-                     "cpu_s": statistics.median(cpu),
-                     "peak_mib": peak_memory(step, model) / 2**20})
+        rows.append(
+            {
+                "seq_len": T,
+                "median_s": statistics.median(times),
+                "min_s": min(times),
+                "cpu_s": statistics.median(cpu),
+                "peak_mib": peak_memory(step, model) / 2**20,
+            }
+        )
     Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
     if world > 1:
         dist.barrier()
@@ -114,26 +126,34 @@ def main() -> None:
     a = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
 
-    print(f"config: dim {a.dim}, layers {a.n_layers}, heads {a.n_heads}, vocab {a.vocab}, batch {a.batch}, "
-          f"variant {a.variant}, fp32, cpu, {a.threads} thread(s) per process, median of {a.steps} steps; "
-          f"torch {torch.__version__}")
+    print(
+        f"config: dim {a.dim}, layers {a.n_layers}, heads {a.n_heads}, vocab {a.vocab}, batch {a.batch}, "
+        f"variant {a.variant}, fp32, cpu, {a.threads} thread(s) per process, median of {a.steps} steps; "
+        f"torch {torch.__version__}"
+    )
     t0 = time.perf_counter()
     cp1, cp2 = run(1, a), run(2, a)
-    header = (f"{'seq':>6} | {'CP1 s':>6} {'cpu s':>6} {'MiB':>6} | {'CP2 s r0':>8} {'r1':>6} {'cpu s r0':>8} "
-              f"{'r1':>6} {'MiB r0':>7} {'r1':>6} | {'CP2/CP1: time':>13} {'cpu':>6} {'mem':>6}")
+    header = (
+        f"{'seq':>6} | {'CP1 s':>6} {'cpu s':>6} {'MiB':>6} | {'CP2 s r0':>8} {'r1':>6} {'cpu s r0':>8} "
+        f"{'r1':>6} {'MiB r0':>7} {'r1':>6} | {'CP2/CP1: time':>13} {'cpu':>6} {'mem':>6}"
+    )
     print(header)
     rows = []
     for i, T in enumerate(a.seq_lens):
         one, (r0, r1) = cp1[0][i], (cp2[0][i], cp2[1][i])
         ratio = {k: max(r0[k], r1[k]) / one[k] for k in ("median_s", "cpu_s", "peak_mib")}
-        print(f"{T:>6} | {one['median_s']:>6.3f} {one['cpu_s']:>6.3f} {one['peak_mib']:>6.1f} | "
-              f"{r0['median_s']:>8.3f} {r1['median_s']:>6.3f} {r0['cpu_s']:>8.3f} {r1['cpu_s']:>6.3f} "
-              f"{r0['peak_mib']:>7.1f} {r1['peak_mib']:>6.1f} | {ratio['median_s']:>13.3f} {ratio['cpu_s']:>6.3f} "
-              f"{ratio['peak_mib']:>6.3f}")
+        print(
+            f"{T:>6} | {one['median_s']:>6.3f} {one['cpu_s']:>6.3f} {one['peak_mib']:>6.1f} | "
+            f"{r0['median_s']:>8.3f} {r1['median_s']:>6.3f} {r0['cpu_s']:>8.3f} {r1['cpu_s']:>6.3f} "
+            f"{r0['peak_mib']:>7.1f} {r1['peak_mib']:>6.1f} | {ratio['median_s']:>13.3f} {ratio['cpu_s']:>6.3f} "
+            f"{ratio['peak_mib']:>6.3f}"
+        )
         rows.append({"seq_len": T, "cp1": one, "cp2": [r0, r1]})
-    print("(s: median wall time of a training step; cpu s: its process CPU time (robust to other load on the "
-          "machine); MiB: peak memory of a step, parameters included; ratios: the slower / larger CP=2 rank "
-          f"over CP=1; whole benchmark {time.perf_counter() - t0:.0f} s)")
+    print(
+        "(s: median wall time of a training step; cpu s: its process CPU time (robust to other load on the "
+        "machine); MiB: peak memory of a step, parameters included; ratios: the slower / larger CP=2 rank "
+        f"over CP=1; whole benchmark {time.perf_counter() - t0:.0f} s)"
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 

@@ -77,7 +77,10 @@ def time_loaders(data: str, tokenizer: Tokenizer, args) -> None:
             seconds = time.perf_counter() - start
             rate = args.batches * args.batch_size * args.seq_len / seconds
             waste = loader.stats()["waste_fraction"]
-            print(f"loader {kind:<8} {packing:<11} workers={num_workers}: {rate:,.0f} tokens/s per rank, waste {waste:.2%}")
+            print(
+                f"loader {kind:<8} {packing:<11} workers={num_workers}: {rate:,.0f} tokens/s per rank, "
+                f"waste {waste:.2%}"
+            )
 
 
 if __name__ == "__main__":

@@ -26,12 +26,12 @@ import time
 
 import torch
 import torch._dynamo
+from tqdm import tqdm
 
 from titan_lrt.config import ConfigError, load_config
 from titan_lrt.model.args import LRTArgs, ModelArgs
 from titan_lrt.model.decoding import compile_decode_step, decode_step, prefill, sample
 from titan_lrt.model.transformer import Transformer
-from tqdm import tqdm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     progress = tqdm(total=len(cases) * (a.warmup + a.rounds), desc="decode rounds", unit="round")
     for dim, batch in cases:
         lrt_args = base_args.replace(dim=dim) if dim else base_args
-        models = {"baseline": build(lrt_args.replace(lrt=LRTArgs(mode="off")), device),
-                  "LRT": build(lrt_args, device)}
+        models = {"baseline": build(lrt_args.replace(lrt=LRTArgs(mode="off")), device), "LRT": build(lrt_args, device)}
         for model in models.values():
             model.to(DTYPES[a.dtype]).init_buffers()  # RoPE tables stay fp32
             if a.compile:
@@ -116,16 +115,26 @@ def main(argv: list[str] | None = None) -> None:
     progress.close()
 
     lrt = base_args.lrt
-    print(f"decode benchmark: {a.config} (LRT: {lrt.projection} projection, inject {lrt.inject_layers}, "
-          f"value_embeds {base_args.value_embeds}), vocab {a.vocab}, prompt {a.prompt_len}, {a.new_tokens} new tokens, "
-          f"{a.dtype}{', compiled step' if a.compile else ''}, {device.type}, {torch.get_num_threads()} threads, "
-          f"median of {a.rounds} alternating rounds")
+    print(
+        f"decode benchmark: {a.config} (LRT: {lrt.projection} projection, inject {lrt.inject_layers}, "
+        f"value_embeds {base_args.value_embeds}), vocab {a.vocab}, prompt {a.prompt_len}, {a.new_tokens} new tokens, "
+        f"{a.dtype}{', compiled step' if a.compile else ''}, {device.type}, {torch.get_num_threads()} threads, "
+        f"median of {a.rounds} alternating rounds"
+    )
     print(f"{'dim':>5}{'layers':>7}{'heads':>6}{'batch':>6}{'baseline tok/s':>16}{'LRT tok/s':>12}{'LRT/baseline':>14}")
     for args, batch, base, rec in rows:
         print(f"{args.dim:>5}{args.n_layers:>7}{args.n_heads:>6}{batch:>6}{base:>16.1f}{rec:>12.1f}{rec / base:>14.3f}")
     if a.json:
-        records = [{"dim": args.dim, "layers": args.n_layers, "batch": batch, "baseline_tokens_per_s": base,
-                    "lrt_tokens_per_s": rec} for args, batch, base, rec in rows]
+        records = [
+            {
+                "dim": args.dim,
+                "layers": args.n_layers,
+                "batch": batch,
+                "baseline_tokens_per_s": base,
+                "lrt_tokens_per_s": rec,
+            }
+            for args, batch, base, rec in rows
+        ]
         with open(a.json, "w") as f:
             json.dump(records, f, indent=1)
 

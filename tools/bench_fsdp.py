@@ -35,15 +35,15 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_step import peak_memory  # noqa: E402
+from bench_step import peak_memory
 
-from titan_lrt.config import Parallelism  # noqa: E402
-from titan_lrt.cpu_allocator import keep_freed_memory  # noqa: E402
-from titan_lrt.model.args import LRTArgs, ModelArgs  # noqa: E402
-from titan_lrt.model.schedule import run_schedule  # noqa: E402
-from titan_lrt.model.transformer import Transformer  # noqa: E402
-from titan_lrt.parallel.distributed import init_distributed, shutdown  # noqa: E402
-from titan_lrt.parallel.fsdp import apply_fsdp, build_dp_mesh  # noqa: E402
+from titan_lrt.config import Parallelism
+from titan_lrt.cpu_allocator import keep_freed_memory
+from titan_lrt.model.args import LRTArgs, ModelArgs
+from titan_lrt.model.schedule import run_schedule
+from titan_lrt.model.transformer import Transformer
+from titan_lrt.parallel.distributed import init_distributed, shutdown
+from titan_lrt.parallel.fsdp import apply_fsdp, build_dp_mesh
 
 SETTINGS = [  # (name, variant, reshard policy, gradient sync)
     ("s2 reshard=default sync=last", "s2", "default", "last"),
@@ -58,8 +58,9 @@ LRT = {"s2": LRTArgs(mode="interleaved", num_subsets=2), "baseline": LRTArgs(mod
 
 def build(a, variant: str, reshard: str, mesh) -> Transformer:
     torch.manual_seed(0)
-    args = ModelArgs(vocab_size=a.vocab, n_layers=a.n_layers, dim=a.dim, n_heads=a.n_heads,
-                     max_seq_len=a.seq_len, lrt=LRT[variant])
+    args = ModelArgs(
+        vocab_size=a.vocab, n_layers=a.n_layers, dim=a.dim, n_heads=a.n_heads, max_seq_len=a.seq_len, lrt=LRT[variant]
+    )
     model = Transformer(args)
     model.init_weights()
     model.init_buffers(torch.device("cpu"))
@@ -95,8 +96,13 @@ def main() -> None:
     info = init_distributed(device="cpu", timeout_s=Parallelism().process_group_timeout_seconds)
     mesh = build_dp_mesh("cpu", info.world_size, 1)
     g = torch.Generator().manual_seed(info.rank)
-    batches = [(torch.randint(1, a.vocab, (a.batch, a.seq_len), generator=g),
-                torch.randint(1, a.vocab, (a.batch, a.seq_len), generator=g)) for _ in range(a.micro_batches)]
+    batches = [
+        (
+            torch.randint(1, a.vocab, (a.batch, a.seq_len), generator=g),
+            torch.randint(1, a.vocab, (a.batch, a.seq_len), generator=g),
+        )
+        for _ in range(a.micro_batches)
+    ]
     models = {name: build(a, variant, reshard, mesh) for name, variant, reshard, _ in SETTINGS}
     sync_of = {name: sync for name, _, _, sync in SETTINGS}
     for _ in range(a.warmup):
@@ -115,13 +121,17 @@ def main() -> None:
         peaks[name] = peak_memory(lambda m=model, n=name: step(m, batches, sync_of[n]), model)
     if info.is_main:
         first = next(iter(models))
-        print(f"FSDP benchmark: {info.world_size} ranks (gloo, CPU), dim {a.dim}, {a.n_layers} layers, seq {a.seq_len}, "
-              f"{a.micro_batches} micro-batches of {a.batch} per rank, vocab {a.vocab}, fp32, median of {a.rounds} rounds")
+        print(
+            f"FSDP benchmark: {info.world_size} ranks (gloo, CPU), dim {a.dim}, {a.n_layers} layers, seq {a.seq_len}, "
+            f"{a.micro_batches} micro-batches of {a.batch} per rank, vocab {a.vocab}, fp32, median of {a.rounds} rounds"
+        )
         print(f"{'setting':38s}{'median s':>10s}{'ratio':>8s}{'peak MiB (rank 0)':>19s}{'mem ratio':>11s}")
         for name in models:
             median = statistics.median(times[name])
-            print(f"{name:38s}{median:10.3f}{median / statistics.median(times[first]):8.3f}"
-                  f"{peaks[name] / 2**20:19.1f}{peaks[name] / peaks[first]:11.3f}")
+            print(
+                f"{name:38s}{median:10.3f}{median / statistics.median(times[first]):8.3f}"
+                f"{peaks[name] / 2**20:19.1f}{peaks[name] / peaks[first]:11.3f}"
+            )
     shutdown(0)
 
 

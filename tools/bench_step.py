@@ -32,15 +32,15 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from titan_lrt.cpu_allocator import keep_freed_memory  # noqa: E402
-from titan_lrt.metrics import device_peak_flops  # noqa: E402
-from titan_lrt.model.accounting import published_step_flops, step_flops  # noqa: E402
-from titan_lrt.model.args import LRTArgs, ModelArgs, args_from_depth  # noqa: E402
-from titan_lrt.model.schedule import run_schedule  # noqa: E402
-from titan_lrt.model.transformer import Transformer  # noqa: E402
-from titan_lrt.parallel.activation_checkpoint import apply_activation_checkpointing  # noqa: E402
-from titan_lrt.parallel.compile import apply_compile  # noqa: E402
-from titan_lrt.parallel.float8 import apply_float8  # noqa: E402
+from titan_lrt.cpu_allocator import keep_freed_memory
+from titan_lrt.metrics import device_peak_flops
+from titan_lrt.model.accounting import published_step_flops, step_flops
+from titan_lrt.model.args import LRTArgs, ModelArgs, args_from_depth
+from titan_lrt.model.schedule import run_schedule
+from titan_lrt.model.transformer import Transformer
+from titan_lrt.parallel.activation_checkpoint import apply_activation_checkpointing
+from titan_lrt.parallel.compile import apply_compile
+from titan_lrt.parallel.float8 import apply_float8
 
 VARIANTS = {
     "baseline": dict(mode="off"),
@@ -85,8 +85,9 @@ def build(a, variant: str, compiled: bool, ac: str, float8: bool, device) -> Tra
     if a.depth:
         args = args_from_depth(a.depth, vocab_size=a.vocab, max_seq_len=a.seq_len, lrt=lrt)
     else:
-        args = ModelArgs(vocab_size=a.vocab, n_layers=a.n_layers, dim=a.dim, n_heads=a.n_heads,
-                         max_seq_len=a.seq_len, lrt=lrt)
+        args = ModelArgs(
+            vocab_size=a.vocab, n_layers=a.n_layers, dim=a.dim, n_heads=a.n_heads, max_seq_len=a.seq_len, lrt=lrt
+        )
     with torch.device("meta"):
         model = Transformer(args)
     if float8:
@@ -139,22 +140,27 @@ def run_setting(a, device, compiled: bool, ac: str, float8: bool) -> list[dict]:
         median = statistics.median(times[v])
         flops = step_flops(model.args, a.seq_len)
         tokens_per_s = a.batch * a.seq_len / median
-        rows.append({
-            "setting": f"{'compile' if compiled else 'eager'}/ac={ac}" + ("/float8" if float8 else ""),
-            "variant": v,
-            "median_s": median,
-            "min_s": min(times[v]),
-            "ratio": median / statistics.median(times[base]),
-            "cpu_ratio": statistics.median(cpu_times[v]) / statistics.median(cpu_times[base]),
-            "flop_ratio": flops.total / step_flops(models[base].args, a.seq_len).total,
-            "tokens_per_s": tokens_per_s,
-            "mfu_pct": 100 * tokens_per_s * flops.total / peak_flops if peak_flops else None,
-            # nanochat's and torchtitan's convention (6N + 12 L H Q T), comparable with their numbers
-            "mfu_published_pct": (100 * tokens_per_s * published_step_flops(model.args, a.seq_len) / peak_flops
-                                  if peak_flops else None),
-            "peak_mib": peak_memory(lambda m=model: step(m), model) / 2**20,
-            "faults_per_step": faults[v] / a.rounds,
-        })
+        rows.append(
+            {
+                "setting": f"{'compile' if compiled else 'eager'}/ac={ac}" + ("/float8" if float8 else ""),
+                "variant": v,
+                "median_s": median,
+                "min_s": min(times[v]),
+                "ratio": median / statistics.median(times[base]),
+                "cpu_ratio": statistics.median(cpu_times[v]) / statistics.median(cpu_times[base]),
+                "flop_ratio": flops.total / step_flops(models[base].args, a.seq_len).total,
+                "tokens_per_s": tokens_per_s,
+                "mfu_pct": 100 * tokens_per_s * flops.total / peak_flops if peak_flops else None,
+                # nanochat's and torchtitan's convention (6N + 12 L H Q T), comparable with their numbers
+                "mfu_published_pct": (
+                    100 * tokens_per_s * published_step_flops(model.args, a.seq_len) / peak_flops
+                    if peak_flops
+                    else None
+                ),
+                "peak_mib": peak_memory(lambda m=model: step(m), model) / 2**20,
+                "faults_per_step": faults[v] / a.rounds,
+            }
+        )
     base_peak = rows[0]["peak_mib"]
     for r in rows:
         r["mem_ratio"] = r["peak_mib"] / base_peak
@@ -163,8 +169,13 @@ def run_setting(a, device, compiled: bool, ac: str, float8: bool) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=["baseline", "s2", "s4"], choices=sorted(VARIANTS),
-                   help="the first one is the reference of the ratios")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["baseline", "s2", "s4"],
+        choices=sorted(VARIANTS),
+        help="the first one is the reference of the ratios",
+    )
     p.add_argument("--depth", type=int, default=0, help="nanochat-style flavor by depth (overrides dim/layers/heads)")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--n-layers", type=int, default=4)
@@ -177,8 +188,12 @@ def main() -> None:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32", help="autocast dtype")
     p.add_argument("--compile", choices=["off", "on", "both"], default="off")
     p.add_argument("--ac", nargs="+", default=["none"], choices=sorted(AC))
-    p.add_argument("--float8", choices=["off", "on", "both"], default="off",
-                   help="torchao float8 (emulated on CPU: measures numerics overhead, not speed)")
+    p.add_argument(
+        "--float8",
+        choices=["off", "on", "both"],
+        default="off",
+        help="torchao float8 (emulated on CPU: measures numerics overhead, not speed)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="also write the rows as JSON to this file")
@@ -193,8 +208,10 @@ def main() -> None:
     if device.type == "cpu":
         keep_freed_memory()
     size = f"depth {a.depth}" if a.depth else f"dim {a.dim}, layers {a.n_layers}, heads {a.n_heads}"
-    print(f"config: {size}, seq {a.seq_len}, batch {a.batch}, vocab {a.vocab}, {a.dtype} autocast, {device.type}, "
-          f"threads {torch.get_num_threads()}, {a.rounds} rounds; torch {torch.__version__}")
+    print(
+        f"config: {size}, seq {a.seq_len}, batch {a.batch}, vocab {a.vocab}, {a.dtype} autocast, {device.type}, "
+        f"threads {torch.get_num_threads()}, {a.rounds} rounds; torch {torch.__version__}"
+    )
     both = {"off": [False], "on": [True], "both": [False, True]}
     rows = []
     for compiled, ac, float8 in itertools.product(both[a.compile], a.ac, both[a.float8]):
@@ -206,15 +223,19 @@ def main() -> None:
 
 def print_rows(rows: list[dict]) -> None:
     print(f"\n{rows[0]['setting']}")
-    header = (f"{'variant':<18}{'median s':>10}{'min s':>8}{'ratio':>8}{'flops':>8}{'tok/s':>10}"
-              f"{'mfu %':>7}{'pub %':>7}{'cpu ratio':>10}{'peak MiB':>10}{'mem ratio':>11}{'faults':>9}")
+    header = (
+        f"{'variant':<18}{'median s':>10}{'min s':>8}{'ratio':>8}{'flops':>8}{'tok/s':>10}"
+        f"{'mfu %':>7}{'pub %':>7}{'cpu ratio':>10}{'peak MiB':>10}{'mem ratio':>11}{'faults':>9}"
+    )
     print(header)
     for r in rows:
         mfu, pub = (f"{r[k]:.1f}" if r[k] is not None else "-" for k in ("mfu_pct", "mfu_published_pct"))
-        print(f"{r['variant']:<18}{r['median_s']:>10.3f}{r['min_s']:>8.3f}{r['ratio']:>8.3f}{r['flop_ratio']:>8.3f}"
-              f"{r['tokens_per_s']:>10,.0f}{mfu:>7}{pub:>7}{r['cpu_ratio']:>10.3f}{r['peak_mib']:>10.1f}"
-              f"{r['mem_ratio']:>11.3f}"
-              f"{r['faults_per_step']:>9.0f}")
+        print(
+            f"{r['variant']:<18}{r['median_s']:>10.3f}{r['min_s']:>8.3f}{r['ratio']:>8.3f}{r['flop_ratio']:>8.3f}"
+            f"{r['tokens_per_s']:>10,.0f}{mfu:>7}{pub:>7}{r['cpu_ratio']:>10.3f}{r['peak_mib']:>10.1f}"
+            f"{r['mem_ratio']:>11.3f}"
+            f"{r['faults_per_step']:>9.0f}"
+        )
     sys.stdout.flush()
 
 

@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> None:
         stdlib_dir=args.stdlib_dir,
     )
     manifest = read_manifest(path)
-    splits = ", ".join(f"{name}: {s['files']} files, {s['bytes'] / 1e6:.1f} MB" for name, s in manifest["splits"].items())
+    splits = ", ".join(
+        f"{name}: {s['files']} files, {s['bytes'] / 1e6:.1f} MB" for name, s in manifest["splits"].items()
+    )
     verb = "already built" if already else f"built in {time.perf_counter() - start:.1f} s"
     print(f"{path}: {verb} (Python {manifest['python_version']}; {splits})")
 

@@ -1,7 +1,7 @@
 """Print the config reference (every section and key) as Markdown, or refresh README.md.
 
-    python tools/config_reference.py            # print
-    python tools/config_reference.py --write    # replace the block between the markers in README.md
+python tools/config_reference.py            # print
+python tools/config_reference.py --write    # replace the block between the markers in README.md
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from titan_lrt.config import config_reference  # noqa: E402
+from titan_lrt.config import config_reference
 
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", help="DCP step/checkpoints/dump folder, exported folder, or exported torch file")
     parser.add_argument("output", help="folder (safetensors, dcp) or file (torch) to create; must not exist")
     parser.add_argument("--to", required=True, choices=sorted(WRITERS), help="output form")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.json of a DCP checkpoint whose run tokenizer moved")
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer.json of a DCP checkpoint whose run tokenizer moved"
+    )
     args = parser.parse_args(argv)
     try:
         files = read_model_files(args.source, args.tokenizer)
@@ -38,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     n_params = sum(t.numel() for t in files.state_dict.values())
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in files.state_dict.values()})
-    print(f"{files.source} -> {out} ({args.to}): {len(files.state_dict)} tensors, {n_params:,} parameters "
-          f"({', '.join(dtypes)}), LRT mode {files.args.lrt.mode}")
+    print(
+        f"{files.source} -> {out} ({args.to}): {len(files.state_dict)} tensors, {n_params:,} parameters "
+        f"({', '.join(dtypes)}), LRT mode {files.args.lrt.mode}"
+    )
     return 0
 
 

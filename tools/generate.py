@@ -69,7 +69,7 @@ class TextStream:
         return self._emit(self.tokenizer.decode(self.ids))
 
     def _emit(self, text: str) -> str:
-        new, self.emitted = text[self.emitted:], len(text)
+        new, self.emitted = text[self.emitted :], len(text)
         return new
 
 
@@ -118,7 +118,13 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run_batch(
-    model: Transformer, tokenizer: Tokenizer, texts: list[str], numbers: list[int], args, generator, out: TextIO,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    texts: list[str],
+    numbers: list[int],
+    args,
+    generator,
+    out: TextIO,
     tagged: bool,
 ) -> int:
     """Generate for one batch of prompts, writing as it goes (tagged lines, or plain text for a
@@ -127,15 +133,26 @@ def run_batch(
     limit = model.args.max_seq_len
     for number, p in zip(numbers, prompts):
         if len(p) + args.max_new_tokens > limit:
-            raise ValueError(f"prompt {number} has {len(p)} tokens (BOS included); with --max-new-tokens "
-                             f"{args.max_new_tokens} that exceeds the model's max_seq_len {limit}")
+            raise ValueError(
+                f"prompt {number} has {len(p)} tokens (BOS included); with --max-new-tokens "
+                f"{args.max_new_tokens} that exceeds the model's max_seq_len {limit}"
+            )
     streams = [TextStream(tokenizer) for _ in texts]
     writer = TaggedLines(out, numbers) if tagged else PlainText(out)
     for b, text in enumerate(texts):
         writer.write(b, text)
     stops = [tokenizer.bos_id, *args.stop_id]
-    steps = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                     top_p=args.top_p, prefill_mode=args.prefill, stop_tokens=stops, generator=generator)
+    steps = generate(
+        model,
+        prompts,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        prefill_mode=args.prefill,
+        stop_tokens=stops,
+        generator=generator,
+    )
     generated = 0
     for tokens, done in steps:
         for b, (token, was_done) in enumerate(zip(tokens.tolist(), done.tolist())):
@@ -170,8 +187,12 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: unseeded)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences decoded together (default: %(default)s)")
     parser.add_argument("--num-samples", type=int, default=1, help="continuations per prompt (default: %(default)s)")
-    parser.add_argument("--stop-id", type=int, action="append", default=[], help="another token id that ends a sequence")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.json of a DCP checkpoint whose run tokenizer moved")
+    parser.add_argument(
+        "--stop-id", type=int, action="append", default=[], help="another token id that ends a sequence"
+    )
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer.json of a DCP checkpoint whose run tokenizer moved"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: %(default)s")
     args = parser.parse_args(argv)
     for name, value, ok, allowed in (
@@ -191,15 +212,18 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
         generator = seeded_generator(args.seed, args.device)  # one stream over all batches
         start, generated = time.perf_counter(), 0
         for first in range(0, len(texts), args.batch_size):
-            batch = texts[first: first + args.batch_size]
+            batch = texts[first : first + args.batch_size]
             numbers = list(range(first, first + len(batch)))
             generated += run_batch(model, tokenizer, batch, numbers, args, generator, out, tagged=len(texts) > 1)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
-    print(f"[{len(texts)} sequences, {generated} new tokens in {seconds:.2f} s ({generated / seconds:.1f} tokens/s), "
-          f"LRT mode {model_args.lrt.mode}, prefill {args.prefill}]", file=sys.stderr)
+    print(
+        f"[{len(texts)} sequences, {generated} new tokens in {seconds:.2f} s ({generated / seconds:.1f} tokens/s), "
+        f"LRT mode {model_args.lrt.mode}, prefill {args.prefill}]",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -89,10 +89,22 @@ def plan(config: Config, args: ModelArgs, budget: str, amount: float, ranks: int
     equal_compute_steps = max(1, round(lrt.flops / (flops.baseline * per_step)))
     return [
         lrt,
-        run("baseline-equal-data", "baseline, equal data", lrt_steps, flops.baseline, params.backbone,
-            ["--lrt.mode=off"]),
-        run("baseline-equal-compute", "baseline, equal compute", equal_compute_steps, flops.baseline,
-            params.backbone, ["--lrt.mode=off"]),
+        run(
+            "baseline-equal-data",
+            "baseline, equal data",
+            lrt_steps,
+            flops.baseline,
+            params.backbone,
+            ["--lrt.mode=off"],
+        ),
+        run(
+            "baseline-equal-compute",
+            "baseline, equal compute",
+            equal_compute_steps,
+            flops.baseline,
+            params.backbone,
+            ["--lrt.mode=off"],
+        ),
     ]
 
 
@@ -108,15 +120,22 @@ def model_args_for_planning(config: Config) -> tuple[ModelArgs, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
-        usage="%(prog)s --config FILE (--tokens N | --flops F | --tokens-per-param R) [--ranks N] [--section.key=value ...]",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+        usage="%(prog)s --config FILE (--tokens N | --flops F | --tokens-per-param R) [--ranks N] "
+        "[--section.key=value ...]",
     )
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--tokens", type=float, help="training tokens of the LRT run")
     budget.add_argument("--flops", type=float, help="training FLOPs of the LRT run")
     budget.add_argument("--tokens-per-param", type=float, help="training tokens per LRT parameter")
-    parser.add_argument("--ranks", type=int, default=1,
-                        help="data-parallel ranks, for the batch when training.global_batch_size is 0 (default: 1)")
+    parser.add_argument(
+        "--ranks",
+        type=int,
+        default=1,
+        help="data-parallel ranks, for the batch when training.global_batch_size is 0 (default: 1)",
+    )
     known, trainer_argv = parser.parse_known_args(argv)
     if known.ranks < 1:
         parser.error(f"--ranks={known.ranks}: must be >= 1")
@@ -133,16 +152,22 @@ def main(argv: list[str] | None = None) -> int:
     flops = step_flops(args, t.seq_len)
     batch = t.global_batch_size or t.local_batch_size * known.ranks
     print(f"budget: {getattr(known, kind):.4g} {kind.replace('_', ' ')}")
-    print(f"model: {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size} (from {vocab_source}); "
-          f"LRT mode {args.lrt.describe()}")
+    print(
+        f"model: {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size} (from {vocab_source}); "
+        f"LRT mode {args.lrt.describe()}"
+    )
     print(f"batch: {batch} sequences x {t.seq_len} tokens = {lrt.tokens_per_step:,} tokens per step")
-    print(f"training FLOPs per token: LRT {flops.total:.4g}, baseline {flops.baseline:.4g} "
-          f"(ratio {flops.baseline_ratio:.4f})")
+    print(
+        f"training FLOPs per token: LRT {flops.total:.4g}, baseline {flops.baseline:.4g} "
+        f"(ratio {flops.baseline_ratio:.4f})"
+    )
     print()
     print(f"{'run':<26}{'steps':>12}{'tokens':>18}{'FLOPs':>12}{'FLOPs/LRT':>11}{'params':>13}{'tokens/param':>14}")
     for r in runs:
-        print(f"{r.description:<26}{r.steps:>12,}{r.tokens:>18,}{r.flops:>12.4g}{r.flops / lrt.flops:>11.4f}"
-              f"{r.parameters:>13,}{r.tokens / r.parameters:>14.2f}")
+        print(
+            f"{r.description:<26}{r.steps:>12,}{r.tokens:>18,}{r.flops:>12.4g}{r.flops / lrt.flops:>11.4f}"
+            f"{r.parameters:>13,}{r.tokens / r.parameters:>14.2f}"
+        )
     print()
     base_command = ["./run_train.sh", *trainer_argv]
     for r in runs:

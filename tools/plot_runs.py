@@ -64,8 +64,9 @@ def tensorboard_folder(path: Path) -> Path:
         return path
     if len(folders) != 1:
         found = ", ".join(str(f) for f in folders) or "none"
-        raise ValueError(f"{path}: expected one folder of TensorBoard event files below it, found {found}; "
-                         "give that folder itself")
+        raise ValueError(
+            f"{path}: expected one folder of TensorBoard event files below it, found {found}; give that folder itself"
+        )
     return folders[0]
 
 
@@ -136,14 +137,18 @@ def plot_all(runs: list[Run], out: Path, smooth: float = 0.0, logx: bool = False
 
     loss = [(("loss/merged", "loss/total"), "-", "", smooth)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    drawn = [panel(axes[0], "training loss (merged)", "nats per token", TOKENS, loss),
-             panel(axes[1], "training loss (merged) at equal compute", "nats per token", COMPUTE, loss)]
+    drawn = [
+        panel(axes[0], "training loss (merged)", "nats per token", TOKENS, loss),
+        panel(axes[1], "training loss (merged) at equal compute", "nats per token", COMPUTE, loss),
+    ]
     save(fig, "loss.png", any(drawn))
 
     bpb = [(("val/bpb_merged",), "-o", " merged", 0.0), (("val/bpb_exact",), "--s", " exact", 0.0)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    drawn = [panel(axes[0], "validation bits per byte", "bpb", TOKENS, bpb),
-             panel(axes[1], "validation bits per byte at equal compute", "bpb", COMPUTE, bpb)]
+    drawn = [
+        panel(axes[0], "validation bits per byte", "bpb", TOKENS, bpb),
+        panel(axes[1], "validation bits per byte at equal compute", "bpb", COMPUTE, bpb),
+    ]
     save(fig, "bpb.png", any(drawn))
 
     with_passes = [run for run in runs if pass_tags(run) and run.has(TOKENS)]
@@ -163,8 +168,22 @@ def plot_all(runs: list[Run], out: Path, smooth: float = 0.0, logx: bool = False
     save(fig, "pass_losses.png", bool(with_passes))
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    drawn = [panel(axes[0], "validation: merged minus exact", "bpb difference", TOKENS, [(("val/bpb_merged_minus_exact",), "-o", "", 0.0)]),
-             panel(axes[1], "training: merged minus pass 0", "loss difference (nats)", TOKENS, [(("loss/merged_minus_pass0",), "-", "", smooth)])]
+    drawn = [
+        panel(
+            axes[0],
+            "validation: merged minus exact",
+            "bpb difference",
+            TOKENS,
+            [(("val/bpb_merged_minus_exact",), "-o", "", 0.0)],
+        ),
+        panel(
+            axes[1],
+            "training: merged minus pass 0",
+            "loss difference (nats)",
+            TOKENS,
+            [(("loss/merged_minus_pass0",), "-", "", smooth)],
+        ),
+    ]
     for ax in axes:
         ax.axhline(0.0, color="grey", linewidth=0.8)
     save(fig, "merged_vs_exact.png", any(drawn))

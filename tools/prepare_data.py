@@ -76,10 +76,18 @@ def prepare(
     if shard_tokens < 1 or not 0 <= validation_fraction < 1:
         raise ValueError("--shard-tokens must be >= 1 and --validation-fraction in [0, 1)")
     options = {
-        "source": source, "streaming": streaming, "hub_config": hub_config, "text_column": text_column,
-        "vocab_size": vocab_size, "tokenizer": str(tokenizer) if tokenizer else None, "tokenizer_docs": tokenizer_docs,
-        "max_tokens": max_tokens, "max_shards": max_shards, "shard_tokens": shard_tokens,
-        "validation_fraction": validation_fraction, "max_validation_tokens": max_validation_tokens,
+        "source": source,
+        "streaming": streaming,
+        "hub_config": hub_config,
+        "text_column": text_column,
+        "vocab_size": vocab_size,
+        "tokenizer": str(tokenizer) if tokenizer else None,
+        "tokenizer_docs": tokenizer_docs,
+        "max_tokens": max_tokens,
+        "max_shards": max_shards,
+        "shard_tokens": shard_tokens,
+        "validation_fraction": validation_fraction,
+        "max_validation_tokens": max_validation_tokens,
     }
     _claim_folder(out, options)
     if is_prepared(out):
@@ -99,7 +107,9 @@ def prepare(
     with tqdm(total=total or None, unit="tok", unit_scale=True, disable=not show_progress, desc=str(out)) as bar:
         bar.update(sum(w.tokens for w in writers.values()))
         if validation_docs is not None:  # each split from its own source
-            _tokenize_into(validation_docs, tok, lambda i, text: "validation", {"validation": writers["validation"]}, bar)
+            _tokenize_into(
+                validation_docs, tok, lambda i, text: "validation", {"validation": writers["validation"]}, bar
+            )
             _tokenize_into(train_docs, tok, lambda i, text: "train", {"train": writers["train"]}, bar)
         else:  # both from the train source; the train split's budget ends the pass
             carved = {"train": writers["train"], "validation": writers["validation"]}
@@ -128,7 +138,9 @@ def _claim_folder(out: Path, options: dict) -> None:
         changed = {k: (before.get(k), v) for k, v in options.items() if before.get(k) != v}
         if changed:
             described = ", ".join(f"{k}: {a!r} then {b!r}" for k, (a, b) in changed.items())
-            raise ValueError(f"{out} was prepared with other options ({described}); rerun with the same ones or use another --out")
+            raise ValueError(
+                f"{out} was prepared with other options ({described}); rerun with the same ones or use another --out"
+            )
     elif any(out.iterdir()):
         raise ValueError(f"{out} is not empty and holds no {OPTIONS_NAME}; give an empty or new --out folder")
     else:
@@ -159,9 +171,7 @@ def _tokenizer(out, path, vocab_size, train_docs, carve, tokenizer_docs, show_pr
             Tokenizer.from_file(path)  # a readable tokenizer with a BOS token
             shutil.copyfile(path, target)
         else:
-            texts = (
-                text for i, text in _texts(train_docs, 0) if _carved_split(i, text, carve) == "train"
-            )
+            texts = (text for i, text in _texts(train_docs, 0) if _carved_split(i, text, carve) == "train")
             limited = (text for _, text in zip(range(tokenizer_docs), texts))
             train_tokenizer(limited, vocab_size, show_progress=show_progress).save(target)
     return Tokenizer.from_file(target)
@@ -258,7 +268,12 @@ class _ShardWriter:
     def flush(self) -> None:
         if not self.buffer:
             return
-        info = {"split": self.split, "index": len(self.infos), "bytes": self.buffer_bytes, "source_end": self.buffer_end}
+        info = {
+            "split": self.split,
+            "index": len(self.infos),
+            "bytes": self.buffer_bytes,
+            "source_end": self.buffer_end,
+        }
         self.infos.append(write_shard(self.out, self.split, len(self.infos), self.buffer, self.dtype, info))
         self.buffer, self.buffer_tokens, self.buffer_bytes = [], 0, 0
 
@@ -267,7 +282,10 @@ class _ShardWriter:
         num_bytes = sum(i["bytes"] for i in self.infos)
         documents = sum(i["documents"] for i in self.infos)
         return {
-            "shards": len(self.infos), "documents": documents, "tokens": tokens, "bytes": num_bytes,
+            "shards": len(self.infos),
+            "documents": documents,
+            "tokens": tokens,
+            "bytes": num_bytes,
             "bytes_per_token": num_bytes / max(tokens - documents, 1),  # BOS tokens carry no text
         }
 
@@ -281,20 +299,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-column", default="text", help="default: %(default)s")
     parser.add_argument("--vocab-size", type=int, default=None, help="train a byte-level BPE of this size")
     parser.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json")
-    parser.add_argument("--tokenizer-docs", type=int, default=100_000, help="documents the BPE trains on (default: %(default)s)")
+    parser.add_argument(
+        "--tokenizer-docs", type=int, default=100_000, help="documents the BPE trains on (default: %(default)s)"
+    )
     parser.add_argument("--max-tokens", type=_count, default=None, help="train token budget (default: all)")
     parser.add_argument("--max-shards", type=int, default=None, help="train shard budget (default: all)")
-    parser.add_argument("--shard-tokens", type=_count, default=50_000_000, help="tokens per shard (default: %(default)s)")
-    parser.add_argument("--validation-fraction", type=float, default=0.005, help="carved when the source has no validation split (default: %(default)s)")
+    parser.add_argument(
+        "--shard-tokens", type=_count, default=50_000_000, help="tokens per shard (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.005,
+        help="carved when the source has no validation split (default: %(default)s)",
+    )
     parser.add_argument("--max-validation-tokens", type=_count, default=10_000_000, help="default: %(default)s")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         meta = prepare(
-            args.source, args.out, streaming=args.streaming, hub_config=args.hub_config, text_column=args.text_column,
-            vocab_size=args.vocab_size, tokenizer=args.tokenizer, tokenizer_docs=args.tokenizer_docs,
-            max_tokens=args.max_tokens, max_shards=args.max_shards, shard_tokens=args.shard_tokens,
-            validation_fraction=args.validation_fraction, max_validation_tokens=args.max_validation_tokens,
+            args.source,
+            args.out,
+            streaming=args.streaming,
+            hub_config=args.hub_config,
+            text_column=args.text_column,
+            vocab_size=args.vocab_size,
+            tokenizer=args.tokenizer,
+            tokenizer_docs=args.tokenizer_docs,
+            max_tokens=args.max_tokens,
+            max_shards=args.max_shards,
+            shard_tokens=args.shard_tokens,
+            validation_fraction=args.validation_fraction,
+            max_validation_tokens=args.max_validation_tokens,
         )
     except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -302,8 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     vocab = meta["vocabulary"]
     print(f"{args.out}: vocab {vocab['vocab_size']} ({meta['dtype']}), {time.perf_counter() - start:.1f} s")
     for split, s in meta["splits"].items():
-        print(f"  {split}: {s['shards']} shards, {s['documents']} documents, {s['tokens']:,} tokens, "
-              f"{s['bytes_per_token']:.2f} bytes/token")
+        print(
+            f"  {split}: {s['shards']} shards, {s['documents']} documents, {s['tokens']:,} tokens, "
+            f"{s['bytes_per_token']:.2f} bytes/token"
+        )
     return 0
 
 

@@ -42,8 +42,13 @@ def run(settings: dict, args: argparse.Namespace, seed: int) -> float:
     chain = torch.randint(1, VOCAB, (VOCAB, SUCCESSORS), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(seed)
     model_args = ModelArgs(
-        vocab_size=VOCAB, dim=args.dim, n_layers=args.n_layers, n_heads=args.dim // 16, max_seq_len=2 * HALF + 1,
-        value_embeds="all", lrt=LRTArgs(mode=args.lrt),
+        vocab_size=VOCAB,
+        dim=args.dim,
+        n_layers=args.n_layers,
+        n_heads=args.dim // 16,
+        max_seq_len=2 * HALF + 1,
+        value_embeds="all",
+        lrt=LRTArgs(mode=args.lrt),
     )
     model = Transformer(model_args)
     model.init_weights()
@@ -66,8 +71,11 @@ def run(settings: dict, args: argparse.Namespace, seed: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default='[{}, {"embedding_lr_mult": 1, "head_lr_mult": 1, "scalar_lr_mult": 1}]',
-                        help="JSON list of build_optimizers keyword arguments ({} = the defaults)")
+    parser.add_argument(
+        "--configs",
+        default='[{}, {"embedding_lr_mult": 1, "head_lr_mult": 1, "scalar_lr_mult": 1}]',
+        help="JSON list of build_optimizers keyword arguments ({} = the defaults)",
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--dim", type=int, default=64)

@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = train_tokenizer(iter_texts(documents, limit=args.max_docs), args.vocab_size)
     seconds = time.perf_counter() - start
     tokenizer.save(out)
-    print(f"{out}: vocab {tokenizer.vocab_size}, {tokenizer.bos_token} = id {tokenizer.bos_id}, trained in {seconds:.1f} s")
+    print(
+        f"{out}: vocab {tokenizer.vocab_size}, {tokenizer.bos_token} = id {tokenizer.bos_id}, "
+        f"trained in {seconds:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -137,9 +137,7 @@ def ensure_stdlib_corpus(
             "stdlib_dir": str(root),
             **options,
             "splits": splits,
-            "sha256": hashlib.sha256(
-                "".join(splits[name]["sha256"] for name in sorted(splits)).encode()
-            ).hexdigest(),
+            "sha256": hashlib.sha256("".join(splits[name]["sha256"] for name in sorted(splits)).encode()).hexdigest(),
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         _move_into_place(tmp, out)
@@ -169,9 +167,7 @@ def _existing_build(out: Path, options: dict) -> Path | None:
     return out
 
 
-def _write_split(
-    tmp: Path, split: str, paths: list[str], root: Path, num_shards: int, bar: tqdm
-) -> dict:
+def _write_split(tmp: Path, split: str, paths: list[str], root: Path, num_shards: int, bar: tqdm) -> dict:
     """Write `paths` as parquet shards of one split; return its manifest entry."""
     num_shards = min(num_shards, len(paths))
     digest = hashlib.sha256()

@@ -232,7 +232,9 @@ def merge_loader_states(states: Iterable[dict]) -> dict:
             merged = {**{k: v for k, v in state.items() if k != "streams"}, "streams": {}}
         for key in sorted((set(merged) | set(state)) - {"streams"}):
             if state.get(key) != merged.get(key):
-                raise ValueError(f"cannot merge loader states with {key}={merged.get(key)!r} and {key}={state.get(key)!r}")
+                raise ValueError(
+                    f"cannot merge loader states with {key}={merged.get(key)!r} and {key}={state.get(key)!r}"
+                )
         for stream, stream_state in state["streams"].items():
             previous = merged["streams"].setdefault(str(stream), stream_state)
             if previous != stream_state:
@@ -269,8 +271,14 @@ def build_dataloader(
     `packing` is one of `PACKING_MODES`. The arguments the config sets (data.*, training.seed)
     have no defaults here: the config's are the only ones.
     """
-    options = {"split": split, "tokenizer": tokenizer, "text_column": text_column, "streaming": streaming,
-               "hub_config": hub_config, "txt_sample_by": txt_sample_by}
+    options = {
+        "split": split,
+        "tokenizer": tokenizer,
+        "text_column": text_column,
+        "streaming": streaming,
+        "hub_config": hub_config,
+        "txt_sample_by": txt_sample_by,
+    }
     if isinstance(source, Mapping):
         documents = Mixture({name: open_source(name, **options) for name in source}, source)
     else:
@@ -297,7 +305,6 @@ def _dataset_state(loader_state: dict, num_workers: int) -> dict:
         return loader_state["_snapshot"]["_worker_snapshots"]["worker_0"]["dataset_state"]
     except KeyError as err:
         raise RuntimeError(f"unexpected StatefulDataLoader state layout (missing {err}); torchdata version?") from err
-
 
 
 def _check_positive_int(name: str, value) -> None:

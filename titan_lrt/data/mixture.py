@@ -110,7 +110,9 @@ class MixtureStream:
         name = self._mixture.pick(self._seed, self._stream, self.state.doc)
         if name not in self._streams:
             source = self._mixture.sources[name]
-            self._streams[name] = source.open_stream(self._num_streams, self._stream, self._seed, self._sub_states[name])
+            self._streams[name] = source.open_stream(
+                self._num_streams, self._stream, self._seed, self._sub_states[name]
+            )
             self._sync(name)
         self._current_source = name
         self.current = self._streams[name].current

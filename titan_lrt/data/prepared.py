@@ -68,7 +68,9 @@ def shard_files(folder: str | Path, split: str, index: int) -> tuple[Path, Path,
     return stem.with_suffix(".tokens.npy"), stem.with_suffix(".offsets.npy"), stem.with_suffix(".json")
 
 
-def write_shard(folder: str | Path, split: str, index: int, documents: Sequence[np.ndarray], dtype: np.dtype, info: dict) -> dict:
+def write_shard(
+    folder: str | Path, split: str, index: int, documents: Sequence[np.ndarray], dtype: np.dtype, info: dict
+) -> dict:
     """Write one shard atomically (temporary files renamed into place, the .json last); returns its info."""
     tokens_path, offsets_path, info_path = shard_files(folder, split, index)
     tokens_path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +106,11 @@ def is_unfinished(path: str | Path) -> bool:
 def read_meta(folder: str | Path) -> dict:
     folder = Path(folder)
     if not is_prepared(folder):
-        raise FileNotFoundError(unfinished_message(folder) if is_unfinished(folder) else f"{folder} is not a prepared data folder (no {META_NAME})")
+        raise FileNotFoundError(
+            unfinished_message(folder)
+            if is_unfinished(folder)
+            else f"{folder} is not a prepared data folder (no {META_NAME})"
+        )
     meta = json.loads((folder / META_NAME).read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{folder / META_NAME} has format {meta.get('format')!r}, this reader reads {FORMAT!r}")
@@ -133,7 +139,9 @@ def require_data_source(path: str | Path, vocab_size: int) -> None:
     if is_unfinished(path):
         raise FileNotFoundError(unfinished_message(path))
     if not path.exists():
-        raise FileNotFoundError(f"data {str(path)!r} does not exist; prepare it with: {prepare_command(path, vocab_size)}")
+        raise FileNotFoundError(
+            f"data {str(path)!r} does not exist; prepare it with: {prepare_command(path, vocab_size)}"
+        )
 
 
 class PreparedSplit:
@@ -147,7 +155,9 @@ class PreparedSplit:
         self.split = split
         self.name = f"{self.folder}[{split}]"
         if split not in self.meta["splits"]:
-            raise ValueError(f"split {split!r} not found in prepared {self.folder}; available: {sorted(self.meta['splits'])}")
+            raise ValueError(
+                f"split {split!r} not found in prepared {self.folder}; available: {sorted(self.meta['splits'])}"
+            )
         self.num_shards = self.meta["splits"][split]["shards"]
         self.infos = [self._shard_info(i) for i in range(self.num_shards)]
         self.starts = np.cumsum([0] + [info["documents"] for info in self.infos]).tolist()
@@ -181,7 +191,10 @@ class PreparedSplit:
 
     def check_streams(self, num_streams: int) -> None:
         if self.num_documents < num_streams:
-            raise ValueError(f"{self.name} has {self.num_documents} documents, fewer than num_streams={num_streams}; lower num_streams")
+            raise ValueError(
+                f"{self.name} has {self.num_documents} documents, fewer than num_streams={num_streams}; "
+                "lower num_streams"
+            )
 
     def open_stream(self, num_streams: int, stream: int, seed: int, state: StreamState) -> PreparedStream:
         return PreparedStream(self, num_streams, stream, seed, state)
@@ -201,7 +214,11 @@ class PreparedSplit:
         tokens = np.load(tokens_path, mmap_mode="r", allow_pickle=False)
         offsets = np.load(offsets_path, mmap_mode="r", allow_pickle=False)
         info = self.infos[index]
-        if tokens.dtype != np.dtype(self.meta["dtype"]) or len(tokens) != info["tokens"] or len(offsets) != info["documents"] + 1:
+        if (
+            tokens.dtype != np.dtype(self.meta["dtype"])
+            or len(tokens) != info["tokens"]
+            or len(offsets) != info["documents"] + 1
+        ):
             raise ValueError(
                 f"shard {tokens_path} does not match its {tokens_path.name.split('.')[0]}.json "
                 f"({len(tokens)} {tokens.dtype} tokens, {len(offsets) - 1} documents; expected {info['tokens']} "
@@ -238,7 +255,9 @@ class PreparedStream:
         self.current = self._document()
 
     def _epoch_order(self, epoch: int) -> list[int]:
-        return stream_document_order(self._split.num_documents, self._num_streams, self._stream, epoch, self._seed).tolist()
+        return stream_document_order(
+            self._split.num_documents, self._num_streams, self._stream, epoch, self._seed
+        ).tolist()
 
     def _document(self) -> torch.Tensor:
         return self._split.document(self._order[self.state.doc])

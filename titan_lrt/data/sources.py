@@ -261,9 +261,7 @@ def _builder_of(path: Path) -> str:
     for builder, extensions in FORMATS.items():
         if path.name.endswith(extensions):
             return builder
-    raise ValueError(
-        f"unsupported data file {str(path)!r}; supported extensions: {', '.join(_ALL_EXTENSIONS)}"
-    )
+    raise ValueError(f"unsupported data file {str(path)!r}; supported extensions: {', '.join(_ALL_EXTENSIONS)}")
 
 
 def _directory_files(directory: Path, split: str) -> tuple[str, list[str]]:
@@ -272,13 +270,9 @@ def _directory_files(directory: Path, split: str) -> tuple[str, list[str]]:
         for p in directory.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
     ]
-    builder = next(
-        (b for b, exts in FORMATS.items() if any(p.name.endswith(exts) for p in files)), None
-    )
+    builder = next((b for b, exts in FORMATS.items() if any(p.name.endswith(exts) for p in files)), None)
     if builder is None:
-        raise FileNotFoundError(
-            f"no data files ({', '.join(_ALL_EXTENSIONS)}) under {str(directory)!r}"
-        )
+        raise FileNotFoundError(f"no data files ({', '.join(_ALL_EXTENSIONS)}) under {str(directory)!r}")
     by_split = DataFilesDict.from_patterns(get_data_patterns(str(directory)), base_path=str(directory))
     splits = {
         str(name): sorted(f for f in split_files if f.endswith(FORMATS[builder]))
@@ -287,7 +281,6 @@ def _directory_files(directory: Path, split: str) -> tuple[str, list[str]]:
     splits = {name: split_files for name, split_files in splits.items() if split_files}
     if split not in splits:
         raise ValueError(
-            f"split {split!r} not found in {str(directory)!r} ({builder} files); "
-            f"available splits: {sorted(splits)}"
+            f"split {split!r} not found in {str(directory)!r} ({builder} files); available splits: {sorted(splits)}"
         )
     return builder, splits[split]

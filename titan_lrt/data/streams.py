@@ -152,7 +152,9 @@ class TokenStream:
     points at) and move the state with `state.offset` and `next_document()`.
     """
 
-    def __init__(self, documents: Documents, tokenizer: TextEncoder, num_streams: int, stream: int, seed: int, state: StreamState):
+    def __init__(
+        self, documents: Documents, tokenizer: TextEncoder, num_streams: int, stream: int, seed: int, state: StreamState
+    ):
         self.state = state
         self._tokenizer = tokenizer
         self._docs = read_stream(documents, num_streams, stream, seed, state.epoch, state.doc, state.source)

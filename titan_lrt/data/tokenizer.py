@@ -135,9 +135,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, show_progress: boo
     return Tokenizer(tok, bos_token=BOS_TOKEN, name="trained BPE")
 
 
-def ensure_tokenizer(
-    path: str | Path, corpus_dir: str | Path, vocab_size: int, *, show_progress: bool = True
-) -> Path:
+def ensure_tokenizer(path: str | Path, corpus_dir: str | Path, vocab_size: int, *, show_progress: bool = True) -> Path:
     """Train on the train split of `corpus_dir` and save to `path`, unless `path` exists.
 
     An existing file is used as it is, whatever its vocabulary size.

@@ -115,7 +115,9 @@ class EvalResult:
         names = sorted(self.scores)
         device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
         totals = torch.tensor(
-            [[*self.scores[n].nats, *map(float, self.scores[n].bytes)] for n in names], dtype=torch.float64, device=device
+            [[*self.scores[n].nats, *map(float, self.scores[n].bytes)] for n in names],
+            dtype=torch.float64,
+            device=device,
         )
         torch.distributed.all_reduce(totals)
         for name, row in zip(names, totals.tolist()):

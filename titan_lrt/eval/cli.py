@@ -1,8 +1,8 @@
 """Evaluate a trained checkpoint: bits per byte (per pass, merged, exact, zero memory), ICL tasks, CORE.
 
-    python -m titan_lrt.eval --checkpoint outputs/debug_model/checkpoints/step-00000200
-    python -m titan_lrt.eval --checkpoint <step folder> --modes merged,exact --batches 4 --icl --json eval.json
-    python -m titan_lrt.eval --checkpoint <step folder> --modes none --core ~/eval_bundle --core-max-per-task 100
+python -m titan_lrt.eval --checkpoint outputs/debug_model/checkpoints/step-00000200
+python -m titan_lrt.eval --checkpoint <step folder> --modes merged,exact --batches 4 --icl --json eval.json
+python -m titan_lrt.eval --checkpoint <step folder> --modes none --core ~/eval_bundle --core-max-per-task 100
 """
 
 from __future__ import annotations
@@ -30,17 +30,33 @@ from titan_lrt.export import LoadedModel, load_model
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m titan_lrt.eval", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="checkpoint step folder (…/checkpoints/step-N), a folder of them or a run folder (newest), or an exported model (folder or .pt)")
-    p.add_argument("--tokenizer", help="tokenizer.json of a DCP checkpoint (default: the run's, see titan_lrt.export.checkpoint_tokenizer)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint step folder (…/checkpoints/step-N), a folder of them or a run folder (newest), "
+        "or an exported model (folder or .pt)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer.json of a DCP checkpoint (default: the run's, see titan_lrt.export.checkpoint_tokenizer)",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="autocast dtype of the forward passes")
-    p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's; 1 is fastest for small models on a busy machine)")
+    p.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"), help="autocast dtype of the forward passes"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads of torch (default: torch's; 1 is fastest for small models on a busy machine)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", help="also write the report as JSON to this file")
     g = p.add_argument_group("bits per byte")
     g.add_argument("--data", help='held-out data: "stdlib" or a local file/folder (default: the run\'s data)')
     g.add_argument("--split", default="validation", help="dataset split (default: validation)")
-    g.add_argument("--modes", default="merged,passes,exact,zero", help=f"comma-separated from {','.join(MODES)}, or none")
+    g.add_argument(
+        "--modes", default="merged,passes,exact,zero", help=f"comma-separated from {','.join(MODES)}, or none"
+    )
     g.add_argument("--batches", type=int, default=8, help="batches to score (default: 8)")
     g.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: 8)")
     g.add_argument("--seq-len", type=int, help="tokens per sequence (default: the run's training.seq_len)")
@@ -51,9 +67,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--icl-modes", default="exact,zero,schedule", help=f"comma-separated from {','.join(LOGIT_MODES)}")
     g.add_argument("--icl-seed", type=int, default=0)
     g = p.add_argument_group("CORE")
-    g.add_argument("--core", metavar="BUNDLE", help="folder of a DCLM-format eval bundle (core.yaml, eval_data/, eval_meta_data.csv)")
+    g.add_argument(
+        "--core",
+        metavar="BUNDLE",
+        help="folder of a DCLM-format eval bundle (core.yaml, eval_data/, eval_meta_data.csv)",
+    )
     g.add_argument("--core-tasks", help="comma-separated task labels (default: all in core.yaml)")
-    g.add_argument("--core-mode", default="schedule", choices=LOGIT_MODES, help="how the model scores (default: schedule)")
+    g.add_argument(
+        "--core-mode", default="schedule", choices=LOGIT_MODES, help="how the model scores (default: schedule)"
+    )
     g.add_argument("--core-max-per-task", type=int, default=0, help="examples per task, a fixed random subset (0: all)")
     args = p.parse_args(argv)
     args.modes = [] if args.modes == "none" else _choices(p, "--modes", args.modes, MODES)
@@ -104,18 +126,34 @@ def run(args: argparse.Namespace) -> dict:
     if args.icl:
         alphabet = TaskAlphabet.from_tokenizer(loaded.tokenizer)
         scores = evaluate_icl(
-            {m: predictors[m] for m in args.icl_modes}, alphabet, examples=args.icl_examples, seed=args.icl_seed,
+            {m: predictors[m] for m in args.icl_modes},
+            alphabet,
+            examples=args.icl_examples,
+            seed=args.icl_seed,
             progress=progress,
         )
         tasks = {task: {m: s.to_dict() for m, s in by_mode.items()} for task, by_mode in scores.items()}
-        report["icl"] = {"examples": args.icl_examples, "seed": args.icl_seed, "symbols": len(alphabet.symbols), "tasks": tasks}
+        report["icl"] = {
+            "examples": args.icl_examples,
+            "seed": args.icl_seed,
+            "symbols": len(alphabet.symbols),
+            "tasks": tasks,
+        }
     if core_tasks:
         result = evaluate_core(
-            predictors[args.core_mode], core_tasks, loaded.tokenizer, loaded.model.args.max_seq_len,
-            args.core_max_per_task, progress,
+            predictors[args.core_mode],
+            core_tasks,
+            loaded.tokenizer,
+            loaded.model.args.max_seq_len,
+            args.core_max_per_task,
+            progress,
         )
-        report["core"] = {"bundle": str(args.core), "mode": args.core_mode, "max_per_task": args.core_max_per_task,
-                          **result.to_dict()}
+        report["core"] = {
+            "bundle": str(args.core),
+            "mode": args.core_mode,
+            "max_per_task": args.core_max_per_task,
+            **result.to_dict(),
+        }
     return report
 
 
@@ -127,9 +165,17 @@ def _bits_per_byte(args, loaded: LoadedModel, amp, progress: bool) -> dict:
     data = args.data or config.data.dataset
     source = ensure_stdlib_corpus(config.data.corpus_path, show_progress=progress) if data == "stdlib" else data
     loader = build_dataloader(
-        source, tokenizer=loaded.tokenizer, seq_len=seq_len, local_batch_size=args.batch_size, split=args.split,
-        text_column=config.data.text_column, num_streams=1, packing="concat", seed=config.training.seed,
-        num_workers=0, streaming=config.data.streaming,
+        source,
+        tokenizer=loaded.tokenizer,
+        seq_len=seq_len,
+        local_batch_size=args.batch_size,
+        split=args.split,
+        text_column=config.data.text_column,
+        num_streams=1,
+        packing="concat",
+        seed=config.training.seed,
+        num_workers=0,
+        streaming=config.data.streaming,
     )
     device = model.rope_cos.device
     batches = (tuple(x.to(device) for x in b) for _, b in zip(range(args.batches), loader))
@@ -138,8 +184,12 @@ def _bits_per_byte(args, loaded: LoadedModel, amp, progress: bool) -> dict:
     result = evaluate_bpb(model, batches, loaded.tokenizer.token_bytes().to(device), exact, amp, args.modes)
     exact_tokens = result.throughput["exact"].tokens if "exact" in result.throughput else 0
     data_info = {
-        "source": str(data), "split": args.split, "seq_len": seq_len, "batch_size": args.batch_size,
-        "batches": args.batches, "exact_sequences": exact_tokens // seq_len,
+        "source": str(data),
+        "split": args.split,
+        "seq_len": seq_len,
+        "batch_size": args.batch_size,
+        "batches": args.batches,
+        "exact_sequences": exact_tokens // seq_len,
     }
     return {"data": data_info, "modes": args.modes, **result.to_dict(seq_len)}
 
@@ -151,8 +201,12 @@ def _describe(loaded: LoadedModel) -> dict:
     return {
         "describe": f"LRT {lrt.describe()}, {a.n_layers} layers, dim {a.dim}, vocab {a.vocab_size}, "
         f"{params / 1e6:.2f}M parameters",
-        "lrt_mode": lrt.mode, "n_layers": a.n_layers, "dim": a.dim, "vocab_size": a.vocab_size,
-        "max_seq_len": a.max_seq_len, "parameters": params,
+        "lrt_mode": lrt.mode,
+        "n_layers": a.n_layers,
+        "dim": a.dim,
+        "vocab_size": a.vocab_size,
+        "max_seq_len": a.max_seq_len,
+        "parameters": params,
     }
 
 

@@ -210,7 +210,9 @@ def _random_baselines(path: Path) -> dict[str, float]:
         try:
             out[row["Eval Task"]] = float(row["Random baseline"])
         except (TypeError, ValueError):
-            raise BundleError(f"{path}: task {row['Eval Task']!r} has Random baseline {row['Random baseline']!r}, not a number") from None
+            raise BundleError(
+                f"{path}: task {row['Eval Task']!r} has Random baseline {row['Random baseline']!r}, not a number"
+            ) from None
     return out
 
 
@@ -231,7 +233,9 @@ def _examples(path: Path, task_type: str) -> tuple[dict, ...]:
                 raise BundleError(f"{path}:{number}: a {task_type} example needs {key!r} of type {kind.__name__}")
         options = _OPTIONS.get(task_type)
         if options and not 0 <= example["gold"] < len(example[options]):
-            raise BundleError(f"{path}:{number}: gold={example['gold']} is not an index of its {len(example[options])} {options}")
+            raise BundleError(
+                f"{path}:{number}: gold={example['gold']} is not an index of its {len(example[options])} {options}"
+            )
         examples.append(example)
     if not examples:
         raise BundleError(f"{path}: no examples")

@@ -5,7 +5,11 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 SCORE_LABELS = {"merged_on_exact_sample": "merged (exact sample)"}
-THROUGHPUT_LABELS = {"schedule": "schedule (merged + passes)", "exact": "exact (KV-cache decoding)", "zero": "zero memory"}
+THROUGHPUT_LABELS = {
+    "schedule": "schedule (merged + passes)",
+    "exact": "exact (KV-cache decoding)",
+    "zero": "zero memory",
+}
 
 
 def format_report(report: dict) -> str:
@@ -43,7 +47,11 @@ def _bpb_lines(bpb: dict) -> list[str]:
         buckets = next(iter(scores.values()))["buckets"]
         header = ["", "all", *(f"pos {b['positions']}" for b in buckets)]
         rows = [
-            [SCORE_LABELS.get(name, name), _num(s["bpb"]), *(_num(b["bpb"] if b["bytes"] else None) for b in s["buckets"])]
+            [
+                SCORE_LABELS.get(name, name),
+                _num(s["bpb"]),
+                *(_num(b["bpb"] if b["bytes"] else None) for b in s["buckets"]),
+            ]
             for name, s in scores.items()
         ]
         lines += table(header, rows)
@@ -66,7 +74,11 @@ def _icl_lines(icl: dict) -> list[str]:
         "accuracy over the answer's candidates / top-1 over the vocabulary"
     ]
     rows = [
-        [task, *(f"{s[m]['choice_accuracy']:.3f} / {s[m]['accuracy']:.3f}" for m in modes), f"{s[modes[0]]['chance']:.3f}"]
+        [
+            task,
+            *(f"{s[m]['choice_accuracy']:.3f} / {s[m]['accuracy']:.3f}" for m in modes),
+            f"{s[modes[0]]['chance']:.3f}",
+        ]
         for task, s in tasks.items()
     ]
     return lines + table(["task", *modes, "chance"], rows)

@@ -100,14 +100,16 @@ def step_flops(args: ModelArgs, seq_len: int) -> StepFlops:
     refined = TRAIN_MULTIPLIER * forward_flops_per_token(args, seq_len, with_memory=True)
     baseline = TRAIN_MULTIPLIER * forward_flops_per_token(args.replace(lrt=LRTArgs(mode="off")), seq_len, False)
     spans = lrt.pass_positions(seq_len)
-    passes = {name: (pass0 if k == 0 else refined) * len(span) / seq_len
-              for k, (name, span) in enumerate(zip(lrt.pass_names, spans))}
+    passes = {
+        name: (pass0 if k == 0 else refined) * len(span) / seq_len
+        for k, (name, span) in enumerate(zip(lrt.pass_names, spans))
+    }
     if lrt.refreshes_kv:
         # before subset pass i, the subsets j > i re-project the memory: (S - 1) / 2 of the positions on average
         n_pairs = 1 if lrt.projection == "shared" else len(args.injected_layers())
         proj = 2 * args.dim * 2 * args.kv_dim * n_pairs
         subsets = spans[1:]
-        refreshed = sum(len(later) for i in range(len(subsets)) for later in subsets[i + 1:]) / seq_len
+        refreshed = sum(len(later) for i in range(len(subsets)) for later in subsets[i + 1 :]) / seq_len
         passes["kv_refresh"] = (TRAIN_MULTIPLIER if not lrt.detach_buffer else 1) * proj * refreshed
     return StepFlops(passes=passes, total=sum(passes.values()), baseline=baseline)
 

@@ -251,8 +251,13 @@ class ModelArgs:
             self.window_pattern and set(self.window_pattern) <= {"S", "L"},
             f"model.window_pattern={self.window_pattern!r}: use only the letters S and L",
         )
-        _check(0 <= self.gate_channels <= self.dim, f"model.gate_channels={self.gate_channels} must be in [0, dim={self.dim}]")
-        _check(0 <= self.bos_token_id < self.vocab_size, f"model.bos_token_id={self.bos_token_id} outside the vocabulary")
+        _check(
+            0 <= self.gate_channels <= self.dim,
+            f"model.gate_channels={self.gate_channels} must be in [0, dim={self.dim}]",
+        )
+        _check(
+            0 <= self.bos_token_id < self.vocab_size, f"model.bos_token_id={self.bos_token_id} outside the vocabulary"
+        )
         lrt = self.lrt
         _check(
             -self.n_layers <= lrt.source_layer < self.n_layers,
@@ -282,8 +287,7 @@ def parse_layer_set(spec: str, n_layers: int) -> list[int]:
         hi = int(match.group(2) or lo) if match else -1
         if not match or not 0 <= lo <= hi < n_layers:
             raise ValueError(
-                f"lrt.inject_layers={spec!r}: expected \"all\" or indices/ranges like \"0,2,5-7\" "
-                f"within 0..{n_layers - 1}"
+                f'lrt.inject_layers={spec!r}: expected "all" or indices/ranges like "0,2,5-7" within 0..{n_layers - 1}'
             )
         layers.update(range(lo, hi + 1))
     return sorted(layers)
@@ -322,4 +326,3 @@ FLAVORS: dict[str, ModelArgs] = {
 """Named presets. `debug` is a two-layer toy for tests; `dN` follow nanochat's
 depth sizing (value embeddings on every layer, as the paper's LRT uses them);
 `d20` is the paper's 1.3B setting."""
-

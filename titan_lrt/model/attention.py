@@ -311,8 +311,20 @@ def _cuda_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool):
 def _cuda_backward(grad_out, q, k, v, out, lse, causal, saved):
     cum_q, cum_k, max_q, max_k, seed, offset = saved
     return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        grad_out.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), cum_q, cum_k, max_q, max_k, 0.0, causal,
-        seed, offset,
+        grad_out.contiguous(),
+        q,
+        k,
+        v,
+        out.contiguous(),
+        lse.contiguous(),
+        cum_q,
+        cum_k,
+        max_q,
+        max_k,
+        0.0,
+        causal,
+        seed,
+        offset,
     )[:3]
 
 
@@ -386,8 +398,14 @@ class _BlockCausalAttention(torch.autograd.Function):
             k, v = _stack([ks[j] for j in members]), _stack([vs[j] for j in members])
             causal, shift = shift >= 0, max(shift, 0)
             dq_g, dk, dv = ctx.kernel.backward(
-                _repeat(grad_out[:, :, shift:], G), _repeat(q[:, :, shift:], G), k, v,
-                _repeat(out[:, :, shift:], G), _repeat(lse[:, :, shift:], G), causal, kernel_saved,
+                _repeat(grad_out[:, :, shift:], G),
+                _repeat(q[:, :, shift:], G),
+                k,
+                v,
+                _repeat(out[:, :, shift:], G),
+                _repeat(lse[:, :, shift:], G),
+                causal,
+                kernel_saved,
             )
             dq[:, :, shift:] += dq_g.unflatten(0, (G, -1)).sum(0)
             for j, dk_j, dv_j in zip(members, dk.unflatten(0, (G, -1)), dv.unflatten(0, (G, -1))):

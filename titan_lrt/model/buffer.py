@@ -50,8 +50,9 @@ def refresh_source(kv: LayerKV, detach: bool) -> Optional[RefreshSource]:
     return hold(kv.v, detach), hold(kv.k_pre, detach), hold(kv.g_fb, detach)
 
 
-def refreshed_kv(model: Transformer, memory: Tensor, positions: Tensor, sources: Sequence[Optional[RefreshSource]],
-                 detach: bool) -> list[Optional[tuple[Tensor, Tensor]]]:
+def refreshed_kv(
+    model: Transformer, memory: Tensor, positions: Tensor, sources: Sequence[Optional[RefreshSource]], detach: bool
+) -> list[Optional[tuple[Tensor, Tensor]]]:
     """Per layer, (K, V) of shape (B, Hkv, n, D) at `positions` with their feedback part
     re-projected from `memory` (B, n, dim); None where the layer has no source.
 
@@ -120,7 +121,9 @@ class SharedBuffer:
     def keys_for(self, i: int) -> list[SubsetKeys]:
         """Per layer, the key/value groups that the queries of P_i attend to."""
         return [
-            SubsetKeys(i, [None if j == i else k for j, k in enumerate(ks)], [None if j == i else v for j, v in enumerate(vs)])
+            SubsetKeys(
+                i, [None if j == i else k for j, k in enumerate(ks)], [None if j == i else v for j, v in enumerate(vs)]
+            )
             for ks, vs in zip(self.keys, self.values)
         ]
 

@@ -61,13 +61,21 @@ def decode_step(model: Transformer, state: DecodeState, tokens: Tensor, active: 
     Runs the compiled step where `compile_decode_step` registered one for the model.
     """
     step = _COMPILED_STEPS.get(model, _step)
-    logits, state.lengths, state.last_state = step(model, state.keys, state.values, state.lengths, state.last_state,
-                                                   tokens, active)
+    logits, state.lengths, state.last_state = step(
+        model, state.keys, state.values, state.lengths, state.last_state, tokens, active
+    )
     return logits
 
 
-def _step(model: Transformer, keys: list[Tensor], values: list[Tensor], lengths: Tensor, last_state: Tensor,
-          tokens: Tensor, active: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def _step(
+    model: Transformer,
+    keys: list[Tensor],
+    values: list[Tensor],
+    lengths: Tensor,
+    last_state: Tensor,
+    tokens: Tensor,
+    active: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
     """One decode step as a function of tensors (the compiled unit): writes the new
     K/V into the caches in place, returns (logits, lengths, last_state)."""
     positions = lengths[:, None]
@@ -221,7 +229,9 @@ def generate(
         logits = decode_step(model, state, token, active=~done)
 
 
-def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
+def generate_tokens(
+    model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, **kwargs
+) -> list[list[int]]:
     """Run `generate` to the end; each sequence's new tokens up to and including its stop token."""
     outputs: list[list[int]] = [[] for _ in prompts]
     for tokens, done in generate(model, prompts, max_new_tokens, **kwargs):

@@ -129,8 +129,9 @@ class Layout(Protocol):
         """s_{t-1} at the full pass's positions (0 at position 0), from its states there."""
         ...
 
-    def buffer(self, model: Transformer, tokens: Tensor, pass0: PassOutput, inputs: PassInputs, num_subsets: int,
-               detach: bool) -> Buffer:
+    def buffer(
+        self, model: Transformer, tokens: Tensor, pass0: PassOutput, inputs: PassInputs, num_subsets: int, detach: bool
+    ) -> Buffer:
         """The interleaved schedule's buffer, built from pass 0."""
         ...
 
@@ -145,8 +146,9 @@ class WholeSequence:
         """s_{t-1} at the full pass's positions (0 at position 0)."""
         return shift_right(states)
 
-    def buffer(self, model: Transformer, tokens: Tensor, pass0: PassOutput, inputs: PassInputs, num_subsets: int,
-               detach: bool) -> SharedBuffer:
+    def buffer(
+        self, model: Transformer, tokens: Tensor, pass0: PassOutput, inputs: PassInputs, num_subsets: int, detach: bool
+    ) -> SharedBuffer:
         return SharedBuffer(model, tokens, pass0, num_subsets, detach)
 
 
@@ -172,8 +174,15 @@ def run_schedule(
     return schedule(model, tokens, targets, backward, return_kv, loss_denominators, layout or WholeSequence())
 
 
-def baseline(model, tokens, targets=None, backward=None, return_kv=False, loss_denominators=None,
-             layout: Layout = WholeSequence()) -> StepResult:
+def baseline(
+    model,
+    tokens,
+    targets=None,
+    backward=None,
+    return_kv=False,
+    loss_denominators=None,
+    layout: Layout = WholeSequence(),
+) -> StepResult:
     """One full pass (LRT off, or zero memory)."""
     run = _Losses(targets, backward, detach=False, weights=[1.0], denominators=loss_denominators)
     inputs = layout.full_pass(model, tokens, targets)
@@ -183,8 +192,15 @@ def baseline(model, tokens, targets=None, backward=None, return_kv=False, loss_d
     return run.result([out], [inputs.positions], merged=out, kv=_kv(out) if return_kv else [])
 
 
-def jacobi(model, tokens, targets=None, backward=None, return_kv=False, loss_denominators=None,
-           layout: Layout = WholeSequence()) -> StepResult:
+def jacobi(
+    model,
+    tokens,
+    targets=None,
+    backward=None,
+    return_kv=False,
+    loss_denominators=None,
+    layout: Layout = WholeSequence(),
+) -> StepResult:
     """K full passes; pass k reads the memory shift_right(s^{k-1}), pass 0 zero memory."""
     lrt = model.args.lrt
     K = lrt.jacobi_passes
@@ -202,8 +218,15 @@ def jacobi(model, tokens, targets=None, backward=None, return_kv=False, loss_den
     return run.result(outs, [inputs.positions] * K, merged=outs[-1], kv=_kv(outs[-1]) if return_kv else [])
 
 
-def interleaved(model, tokens, targets=None, backward=None, return_kv=False, loss_denominators=None,
-                layout: Layout = WholeSequence()) -> StepResult:
+def interleaved(
+    model,
+    tokens,
+    targets=None,
+    backward=None,
+    return_kv=False,
+    loss_denominators=None,
+    layout: Layout = WholeSequence(),
+) -> StepResult:
     """Pass 0 over all positions builds the shared buffer; then S subset passes refine it."""
     lrt = model.args.lrt
     S = lrt.num_subsets

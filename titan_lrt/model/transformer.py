@@ -123,7 +123,9 @@ class Transformer(nn.Module):
     def init_buffers(self, device: Optional[torch.device] = None) -> None:
         """Compute the RoPE tables (not saved in checkpoints)."""
         device = device or self.rope_cos.device
-        self.rope_cos, self.rope_sin = rope_tables(self.args.max_seq_len, self.args.head_dim, self.args.rope_base, device)
+        self.rope_cos, self.rope_sin = rope_tables(
+            self.args.max_seq_len, self.args.head_dim, self.args.rope_base, device
+        )
 
     @torch.no_grad()
     def init_weights(self, buffer_device: Optional[torch.device] = None) -> None:

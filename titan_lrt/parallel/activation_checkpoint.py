@@ -52,7 +52,7 @@ def selective_every(selective_option: str) -> int | None:
         every = 0
     if every < 1:
         raise ValueError(
-            f"activation_checkpoint.selective_ac_option={selective_option!r}: allowed \"op\" or a "
+            f'activation_checkpoint.selective_ac_option={selective_option!r}: allowed "op" or a '
             "positive integer N (checkpoint every N-th block)"
         )
     return every

@@ -52,4 +52,3 @@ def apply_compile(model: Transformer, backend: str = "inductor") -> None:
     for block in model.layers:
         block.compile(backend=backend, dynamic=False, fullgraph=True)
     model.lm_head.compile(backend=backend, dynamic=False, fullgraph=True)
-

@@ -160,8 +160,9 @@ class ContextParallel:
         """s_{t-1} at this rank's positions (a Jacobi pass's memory before resets)."""
         return self.gather_positions(states, dim=1).index_select(1, (inputs.positions - 1).clamp(min=0))
 
-    def buffer(self, model: Transformer, tokens: Tensor, pass0: PassOutput, inputs: PassInputs, num_subsets: int,
-               detach: bool) -> ContextParallelBuffer:
+    def buffer(
+        self, model: Transformer, tokens: Tensor, pass0: PassOutput, inputs: PassInputs, num_subsets: int, detach: bool
+    ) -> ContextParallelBuffer:
         return ContextParallelBuffer(self, model, tokens, pass0, inputs, num_subsets, detach)
 
 
@@ -203,8 +204,16 @@ class ContextParallelBuffer:
     positions of P_i.
     """
 
-    def __init__(self, cp: ContextParallel, model: Transformer, tokens: Tensor, pass0: PassOutput,
-                 inputs: PassInputs, num_subsets: int, detach: bool):
+    def __init__(
+        self,
+        cp: ContextParallel,
+        model: Transformer,
+        tokens: Tensor,
+        pass0: PassOutput,
+        inputs: PassInputs,
+        num_subsets: int,
+        detach: bool,
+    ):
         self.cp, self.model, self.S, self.detach = cp, model, num_subsets, detach
         T, device = tokens.size(1), tokens.device
         self.T, self.tokens = T, tokens
@@ -251,8 +260,10 @@ class ContextParallelBuffer:
         share = cp.share(self.T, self.S, i + 1, self.S, self.positions[0].device)
         pos, index = share.positions, share.local_index
         memory = self._memory_at(pos, keep_mask(self.model, self.tokens, pos))
-        sources = [None if base is None else (base[0][:, :, index], base[1][:, index], base[2][:, index])
-                   for base in self.pass0_kv]
+        sources = [
+            None if base is None else (base[0][:, :, index], base[1][:, index], base[2][:, index])
+            for base in self.pass0_kv
+        ]
         for layer, fresh in enumerate(refreshed_kv(self.model, memory, pos, sources, self.detach)):
             if fresh is None:
                 continue

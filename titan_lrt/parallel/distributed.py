@@ -38,7 +38,7 @@ def init_distributed(*, device: str, timeout_s: float) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("training.device = \"cuda\" but no CUDA device is available")
+        raise RuntimeError('training.device = "cuda" but no CUDA device is available')
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)

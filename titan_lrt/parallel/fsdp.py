@@ -40,8 +40,11 @@ def check_mesh_degrees(world_size: int, replicate: int, cp: int) -> None:
         raise ValueError(
             f"parallelism.context_parallel_degree={cp} must divide the number of ranks / "
             f"data_parallel_replicate_degree = {world_size} / {replicate} = {rest}: allowed {allowed}"
-            + (" (context parallelism needs as many processes, e.g. torchrun --nproc_per_node "
-               f"{cp * replicate})" if cp > rest else "")
+            + (
+                f" (context parallelism needs as many processes, e.g. torchrun --nproc_per_node {cp * replicate})"
+                if cp > rest
+                else ""
+            )
         )
 
 

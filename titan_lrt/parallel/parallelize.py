@@ -18,6 +18,7 @@ from titan_lrt.precision import DTYPES
 
 logger = logging.getLogger("titan_lrt")
 
+
 def parallelize(
     model: Transformer, config, device: torch.device, world_size: int, compute_dtype: torch.dtype
 ) -> Optional[DeviceMesh]:
@@ -30,15 +31,22 @@ def parallelize(
     check_mesh_degrees(world_size, p.data_parallel_replicate_degree, p.context_parallel_degree)
     if config.float8.enable:
         converted = apply_float8(model, recipe=config.float8.recipe_name, emulate=config.float8.emulate, fsdp=fsdp)
-        logger.info(f"float8 ({config.float8.recipe_name}{', emulated' if config.float8.emulate else ''}): "
-                    f"{len(converted)} linears")
+        logger.info(
+            f"float8 ({config.float8.recipe_name}{', emulated' if config.float8.emulate else ''}): "
+            f"{len(converted)} linears"
+        )
     ac = config.activation_checkpoint
     apply_activation_checkpointing(model, mode=ac.mode, selective_option=ac.selective_ac_option)
     if config.compile.enable:
         apply_compile(model)
     if fsdp:
         mesh = build_dp_mesh(device.type, world_size, p.data_parallel_replicate_degree, p.context_parallel_degree)
-        apply_fsdp(model, mesh, compute_dtype, DTYPES[p.mixed_precision_reduce],
-                   reshard_after_forward=p.fsdp_reshard_after_forward)
+        apply_fsdp(
+            model,
+            mesh,
+            compute_dtype,
+            DTYPES[p.mixed_precision_reduce],
+            reshard_after_forward=p.fsdp_reshard_after_forward,
+        )
         return mesh
     return None
