@@ -6,7 +6,8 @@
 Writes one file of (params x bytes-per-param / ranks) bytes, as a rank's `__r_0.distcp` (with
 fsync, as a save ends), reads it back (the load's read, page cache warm), and times
 `titan_lrt.checkpoint.file_checksum` on it (and the CRC-32 of as many bytes in memory): the save
-computes it once per file (rank 0, all files in parallel threads), the load verifies it once. Prints each time and the checksum's
+computes it once per file (rank 0, all files in parallel threads), the load verifies it once.
+Prints each time and the checksum's
 share of the write and of the read. The file is removed at the end.
 """
 
