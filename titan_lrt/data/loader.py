@@ -176,6 +176,7 @@ class TokenBatchLoader:
             self._batches = iter(self._loader)
         batch = next(self._batches)
         if isinstance(batch, DataError):  # raised in the worker, where torch would wrap it in a traceback
+            self._stop_worker()
             raise batch
         return batch
 
@@ -194,6 +195,14 @@ class TokenBatchLoader:
         read = sum(s["tokens_read"] for s in streams)
         dropped = sum(s["tokens_dropped"] for s in streams)
         return {"tokens_read": read, "tokens_dropped": dropped, "waste_fraction": dropped / read if read else 0.0}
+
+    def _stop_worker(self) -> None:
+        """Now, not when the iterator is collected: the worker ignores stop signals (see below), so one
+        left running would block an interpreter exit that waits for it."""
+        shutdown = getattr(self._batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._batches = None
 
     def _restart(self) -> None:
         self._loader = StatefulDataLoader(
