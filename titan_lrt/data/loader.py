@@ -183,6 +183,7 @@ class TokenBatchLoader:
             self._batches = iter(self._loader)
         batch = next(self._batches)
         if isinstance(batch, DataError):  # raised in the worker, where torch would wrap it in a traceback
+            self._stop_worker()
             raise batch
         return batch
 
@@ -204,6 +205,14 @@ class TokenBatchLoader:
         if isinstance(self.dataset.source, Mixture):
             stats["tokens_read_by_source"] = self.dataset.source.tokens_read_by_source(streams)
         return stats
+
+    def _stop_worker(self) -> None:
+        """Now, not when the iterator is collected: the worker ignores stop signals (see below), so one
+        left running would block an interpreter exit that waits for it."""
+        shutdown = getattr(self._batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._batches = None
 
     def _restart(self) -> None:
         self._loader = StatefulDataLoader(
