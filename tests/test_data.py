@@ -540,7 +540,7 @@ def test_non_utf8_bytes_in_a_jsonl_string_fail_at_their_row_with_file_and_line(t
     rows[7] = b'{"text": "caf\xe9"}'
     path = tmp_path / "train.jsonl"
     path.write_bytes(b"\n".join(rows) + b"\n")
-    loader = build_dataloader(
+    loader = loader_of(
         path, tokenizer=CharTokenizer(), seq_len=8, local_batch_size=2, num_streams=1, num_workers=num_workers
     )
     with pytest.raises(
@@ -554,7 +554,23 @@ def test_non_utf8_bytes_in_a_jsonl_string_fail_at_their_row_with_file_and_line(t
 def test_too_few_non_empty_documents_for_the_streams_is_named_up_front():
     ds = datasets.Dataset.from_dict({"text": ["a", "", None, "b", "", ""]})
     with pytest.raises(DataError, match=r"has 2 non-empty documents \(of 6\), fewer than num_streams=4; lower"):
-        PackedRowsDataset(load_documents(ds), CharTokenizer(), seq_len=4, local_batch_size=2, num_streams=4)
+        PackedRowsDataset(
+            load_documents(ds),
+            CharTokenizer(),
+            seq_len=4,
+            local_batch_size=2,
+            num_streams=4,
+            packing="bos_aligned",
+            seed=0,
+        )
     empty = datasets.Dataset.from_dict({"text": ["", None]})
     with pytest.raises(DataError, match=r"all 2 documents are empty in column 'text'"):
-        PackedRowsDataset(load_documents(empty), CharTokenizer(), seq_len=4, local_batch_size=2, num_streams=1)
+        PackedRowsDataset(
+            load_documents(empty),
+            CharTokenizer(),
+            seq_len=4,
+            local_batch_size=2,
+            num_streams=1,
+            packing="concat",
+            seed=0,
+        )

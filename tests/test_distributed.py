@@ -265,7 +265,7 @@ import sys, time
 import torch, torch.distributed as dist
 from titan_lrt.parallel.distributed import init_distributed, shutdown
 
-info = init_distributed("cpu", timeout_s=float(sys.argv[1]))
+info = init_distributed(device="cpu", timeout_s=float(sys.argv[1]))
 code = 1
 try:
     dist.barrier()
