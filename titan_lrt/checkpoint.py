@@ -52,7 +52,7 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -170,9 +170,11 @@ class TrainState(PerRankStateful):
     step: int = 0
     tokens_seen: int = 0
     """Tokens trained on by all ranks together."""
+    flops_seen: dict[str, float] = field(default_factory=dict)
+    """Training FLOPs run so far by all ranks together, per pass name (pass0, subset0, ...)."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "rng": rng_state()}
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "flops_seen": self.flops_seen, "rng": rng_state()}
 
     def load_rank_states(self, states: list[dict[str, Any]], rank: int) -> None:
         first = states[0]
@@ -183,6 +185,7 @@ class TrainState(PerRankStateful):
                     f"rank 0 step {first['step']} ({first['tokens_seen']} tokens)"
                 )
         self.step, self.tokens_seen = first["step"], first["tokens_seen"]
+        self.flops_seen = dict(first.get("flops_seen", {}))  # empty from checkpoints of before the count
         if rank < len(states):
             set_rng_state(states[rank]["rng"])
         else:

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 
@@ -62,19 +62,34 @@ class StepStats:
     """Total gradient norm before clipping."""
     tokens: int
     """Tokens of the global batch."""
+    flops: dict[str, float]
+    """Training FLOPs of the step over all ranks, per pass name."""
+    published_flops: float
+    """The same in the published convention (`published_step_flops`)."""
     counts: list[float]
     """Scored targets of each pass over the global batch (the loss denominators)."""
 
 
+class Rates(NamedTuple):
+    """Training work per second of wall time."""
+
+    tokens: float
+    flops: float
+    published_flops: float
+    """FLOPs in the convention nanochat and torchtitan publish (`published_step_flops`)."""
+
+
 class ThroughputWindow:
-    """Tokens per second of training since the last `rate()`; time inside `excluded()`
+    """Tokens and FLOPs per second of training since the last `rate()`; time inside `excluded()`
     (evaluation, checkpoint saves) does not count."""
 
     def __init__(self):
-        self.start, self.tokens, self.paused = time.perf_counter(), 0, 0.0
+        self.start, self.paused = time.perf_counter(), 0.0
+        self.work = [0.0, 0.0, 0.0]
 
-    def add(self, tokens: int) -> None:
-        self.tokens += tokens
+    def add(self, tokens: int, flops: float = 0.0, published_flops: float = 0.0) -> None:
+        for i, amount in enumerate((tokens, flops, published_flops)):
+            self.work[i] += amount
 
     @contextlib.contextmanager
     def excluded(self):
@@ -84,12 +99,13 @@ class ThroughputWindow:
         finally:
             self.paused += time.perf_counter() - began
 
-    def rate(self) -> float:
-        """Tokens/s of the window, then start a new one."""
+    def rate(self) -> Rates:
+        """Work per second of the window, then start a new one."""
         now = time.perf_counter()
-        rate = self.tokens / max(now - self.start - self.paused, 1e-9)
-        self.start, self.tokens, self.paused = now, 0, 0.0
-        return rate
+        seconds = max(now - self.start - self.paused, 1e-9)
+        rates = Rates(*(amount / seconds for amount in self.work))
+        self.start, self.paused, self.work = now, 0.0, [0.0, 0.0, 0.0]
+        return rates
 
 
 def lrt_statistics(model: Transformer, results: list[StepResult]) -> dict[str, float]:
@@ -177,6 +193,8 @@ def format_step_line(step: int, s: dict[str, float]) -> str:
     if len(passes) > 1:
         parts.append("(" + " ".join(passes) + ")")
     parts.append(f"{s['throughput/tokens_per_s']:,.0f} tok/s")
+    if "flops/seen" in s:
+        parts.append(f"{s['flops/seen']:.3g} FLOPs")
     if "throughput/mfu_pct" in s:
         parts.append(f"mfu {s['throughput/mfu_pct']:.1f}%")
     if "throughput/mfu_published_pct" in s:

@@ -118,6 +118,39 @@ class OptimizersContainer:
         self.model = model
         self.optimizers = optimizers
         self._options = StateDictOptions(flatten_optimizer_state_dict=True)
+        self._create_states()
+
+    def _create_states(self) -> None:
+        """Give every parameter without state the state torch would create at its first gradient (zero
+        moments, step 0), by one zero-LR step on zero gradients of those parameters alone, step counts
+        reset after it. Parameters that skip steps (the LRT pathway on steps that run pass 0 alone) then
+        have state in every checkpoint, so that a checkpoint's keys never depend on which parameters
+        have had gradients. Parameters with state (an optimizer wrapped again) are left alone."""
+        groups = [g for opt in self.optimizers for g in opt.param_groups]
+        lrs = [g["lr"] for g in groups]
+        params = [p for g in groups for p in g["params"]]
+        states = {id(p): opt.state for opt in self.optimizers for g in opt.param_groups for p in g["params"]}
+        new = [p for p in params if not states[id(p)].get(p)]
+        if not new:
+            return
+        grads = [p.grad for p in params]
+        for g in groups:
+            g["lr"] = 0.0
+        for p in params:
+            p.grad = None
+        for p in new:
+            p.grad = torch.zeros_like(p)
+        self.step()
+        for g, lr in zip(groups, lrs):
+            g["lr"] = lr
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        for p in new:
+            state = states[id(p)][p]
+            if torch.is_tensor(state.get("step")):
+                state["step"].zero_()
+            elif "step" in state:
+                state["step"] = 0
 
     def __iter__(self) -> Iterator[torch.optim.Optimizer]:
         return iter(self.optimizers)
@@ -138,9 +171,7 @@ class OptimizersContainer:
             opt.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        """Before the first step torch creates the state with a zero-LR step (AdamW's
-        step count becomes 1), so saving at step 0 changes the run that follows;
-        resuming from that save still matches it exactly."""
+        """Every parameter's state, keyed by parameter name (see `_create_states`)."""
         return get_optimizer_state_dict(self.model, self.optimizers, options=self._options)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

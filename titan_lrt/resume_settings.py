@@ -34,7 +34,14 @@ FIXED_AT_RESUME = (
 """Keys (or section prefixes) that a resumed run cannot change: the saved model, optimizer
 and data-stream states only mean something under the values they were saved with."""
 
-APPLIED_ANYWAY = ("model.tokenizer_path",)
+APPLIED_ANYWAY = (
+    "model.tokenizer_path",
+    # which optimizer steps refine: the states do not depend on it, so a run may change its schedule
+    "lrt.refine_fraction",
+    "lrt.start_step",
+    "lrt.pass0_backward",
+    "lrt.jacobi_mix",
+)
 
 
 def flat_settings(toml_text: str) -> dict[str, Any]:

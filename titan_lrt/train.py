@@ -40,6 +40,7 @@ from titan_lrt.guards import (
 from titan_lrt.launcher import report_crash, report_user_error
 from titan_lrt.metrics import (
     MetricsLogger,
+    Rates,
     StepStats,
     ThroughputWindow,
     device_peak_flops,
@@ -48,7 +49,7 @@ from titan_lrt.metrics import (
     memory_stats,
     setup_logging,
 )
-from titan_lrt.model.accounting import count_parameters, published_step_flops, step_flops
+from titan_lrt.model.accounting import count_parameters, published_step_flops, run_flops, step_flops
 from titan_lrt.model.schedule import StepResult, pass_target_counts, run_schedule
 from titan_lrt.model.transformer import Transformer
 from titan_lrt.optim import build_lr_schedulers, build_optimizers, clip_grad_norm_
@@ -151,7 +152,6 @@ class Trainer:
             config.metrics.enable_tensorboard,
         )
         self.flops = step_flops(self.model_args, t.seq_len)
-        self.published_flops = published_step_flops(self.model_args, t.seq_len)
         self.peak_flops = device_peak_flops(self.device)
         self._log_setup()
 
@@ -246,6 +246,12 @@ class Trainer:
             f"FLOPs per token (training): {self.flops.total / 1e6:.1f}M, {self.flops.baseline_ratio:.3f}x the "
             f"baseline step; passes: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in self.flops.passes.items())
         )
+        if lrt.refine_fraction < 1 or lrt.start_step or not lrt.pass0_backward or lrt.jacobi_mix:
+            average = run_flops(self.model_args, t.seq_len, t.steps, t.seed)[-1] / t.steps
+            logger.info(
+                f"schedule {lrt.describe()}: {average / self.flops.baseline:.3f}x the baseline step on average "
+                f"over the {t.steps} steps"
+            )
         logger.info(
             f"batch: {self.global_batch} sequences x {t.seq_len} tokens per step ({self.grad_accum} micro-batches "
             f"of {t.local_batch_size} on each of {self.dp_degree} data-parallel ranks"
@@ -266,6 +272,8 @@ class Trainer:
         resumed = self.checkpointer.load()
         if resumed is not None:
             self.batches = iter(self.train_loader)
+            if not self.state.flops_seen:  # a checkpoint from before the FLOPs count: every step ran in full
+                self.state.flops_seen = {k: v * self.state.tokens_seen for k, v in self.flops.passes.items()}
             if source is not None:
                 self._apply_optimizer_settings(fresh)
             logger.info(f"resumed from step {resumed}")
@@ -339,7 +347,7 @@ class Trainer:
         try:
             while self.state.step < c.training.steps:
                 stats = self.train_step()
-                window.add(stats.tokens)
+                window.add(stats.tokens, sum(stats.flops.values()), stats.published_flops)
                 step = self.state.step
                 if step % c.metrics.log_freq == 0 or step == c.training.steps:
                     self._log_step(step, stats, window.rate())
@@ -369,7 +377,8 @@ class Trainer:
         micro_batches = [
             tuple(x.to(self.device, non_blocking=True) for x in next(self.batches)) for _ in range(self.grad_accum)
         ]
-        counts = self._global_target_counts(micro_batches)
+        passes = self.model_args.lrt.passes_at(self.state.step, t.seed)
+        counts = self._global_target_counts(micro_batches, passes)
         results: list[StepResult] = []
         for k, (inputs, targets) in enumerate(micro_batches):
             last_micro_batch = k == len(micro_batches) - 1
@@ -380,7 +389,13 @@ class Trainer:
 
             with self.autocast or contextlib.nullcontext():
                 result = run_schedule(
-                    self.model, inputs, targets, backward=backward, loss_denominators=counts, layout=self.cp
+                    self.model,
+                    inputs,
+                    targets,
+                    backward=backward,
+                    loss_denominators=counts,
+                    layout=self.cp,
+                    passes=passes,
                 )
             results.append(result)
         loss = all_reduce_sum(torch.stack([r.loss.detach() for r in results]).sum())
@@ -397,14 +412,26 @@ class Trainer:
         self.lr_schedulers.step()
         self.optimizers.zero_grad(set_to_none=True)
         tokens = self.global_batch * t.seq_len
+        flops = {name: tokens * f for name, f in step_flops(self.model_args, t.seq_len, passes).passes.items()}
         self.state.step += 1
         self.state.tokens_seen += tokens
-        return StepStats(results=results, loss=loss, grad_norm=grad_norm, tokens=tokens, counts=counts)
+        for name, amount in flops.items():
+            self.state.flops_seen[name] = self.state.flops_seen.get(name, 0.0) + amount
+        return StepStats(
+            results=results,
+            loss=loss,
+            grad_norm=grad_norm,
+            tokens=tokens,
+            flops=flops,
+            published_flops=tokens * published_step_flops(self.model_args, t.seq_len, passes),
+            counts=counts,
+        )
 
-    def _global_target_counts(self, micro_batches) -> list[float]:
+    def _global_target_counts(self, micro_batches, passes: int) -> list[float]:
         """Scored targets of each pass over the whole global batch (all micro-batches, all ranks;
         the ranks of a context-parallel group hold the same rows, which count once)."""
-        local = pass_target_counts(self.model_args.lrt, torch.stack([targets for _, targets in micro_batches]))
+        targets = torch.stack([targets for _, targets in micro_batches])
+        local = pass_target_counts(self.model_args.lrt, targets, passes)
         counts = all_reduce_sum(local) / (self.cp.degree if self.cp else 1)
         return [max(float(c), 1.0) for c in counts]
 
@@ -513,7 +540,7 @@ class Trainer:
 
     # ---- logging and evaluation ----------------------------------------------------
 
-    def _log_step(self, step: int, stats: StepStats, tokens_per_s: float) -> None:
+    def _log_step(self, step: int, stats: StepStats, rates: Rates) -> None:
         results, counts = stats.results, stats.counts
         scalars = {"loss/total": float(stats.loss)}
         n_passes = len(results[0].pass_losses)
@@ -527,14 +554,14 @@ class Trainer:
         if n_passes > 1:
             scalars["loss/merged_minus_pass0"] = merged - scalars["loss/pass0"]
         scalars.update(lrt_statistics(self.model, results))
-        scalars["throughput/tokens_per_s"] = tokens_per_s
+        scalars["throughput/tokens_per_s"] = rates.tokens
         scalars["throughput/tokens_seen"] = self.state.tokens_seen
-        scalars["throughput/baseline_equivalent_tokens"] = self.state.tokens_seen * self.flops.baseline_ratio
-        achieved = tokens_per_s * self.flops.total / self.dist.world_size
+        scalars.update(self._flops_scalars(stats))
+        achieved = rates.flops / self.dist.world_size
         scalars["throughput/tflops_per_device"] = achieved / 1e12
         if self.peak_flops:
             scalars["throughput/mfu_pct"] = 100 * achieved / self.peak_flops
-            published = tokens_per_s * self.published_flops / self.dist.world_size
+            published = rates.published_flops / self.dist.world_size
             scalars["throughput/mfu_published_pct"] = 100 * published / self.peak_flops
         lrs = self.lr_schedulers.last_lr()
         scalars["optim/lr"] = lrs.get("matrix", max(lrs.values()))
@@ -545,6 +572,17 @@ class Trainer:
         scalars.update(self._tokens_by_source())
         line = format_step_line(step, scalars) + _tokens_by_source_text(scalars)
         self.metrics.log(step, scalars, line if self.dist.is_main else None)
+
+    def _flops_scalars(self, stats: StepStats) -> dict[str, float]:
+        """Training FLOPs of what ran: this step's and the run's so far, in total and per pass."""
+        seen = sum(self.state.flops_seen.values())
+        scalars = {
+            "flops/step": sum(stats.flops.values()),
+            "flops/seen": seen,
+            "throughput/baseline_equivalent_tokens": seen / self.flops.baseline,
+        }
+        scalars.update({f"flops/seen_{name}": amount for name, amount in self.state.flops_seen.items()})
+        return scalars
 
     def _tokens_by_source(self) -> dict[str, float]:
         """Mixtures: tokens read from each source over all ranks (data/tokens/<source>)."""

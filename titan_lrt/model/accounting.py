@@ -93,28 +93,45 @@ def forward_flops_per_token(args: ModelArgs, seq_len: int, with_memory: bool) ->
     return 2 * macs
 
 
-def step_flops(args: ModelArgs, seq_len: int) -> StepFlops:
-    """Training FLOPs per token of one step of the configured schedule."""
+def step_flops(args: ModelArgs, seq_len: int, passes: int | None = None) -> StepFlops:
+    """Training FLOPs per token of one step of the configured schedule that runs `passes` passes
+    (default: all of them; see `LRTArgs.passes_at`). Pass 0 without autograd costs its forward only."""
     lrt = args.lrt
-    pass0 = TRAIN_MULTIPLIER * forward_flops_per_token(args, seq_len, with_memory=False)
+    passes = passes or lrt.num_passes
+    pass0 = (TRAIN_MULTIPLIER if lrt.trains_pass0(passes) else 1) * forward_flops_per_token(args, seq_len, False)
     refined = TRAIN_MULTIPLIER * forward_flops_per_token(args, seq_len, with_memory=True)
     baseline = TRAIN_MULTIPLIER * forward_flops_per_token(args.replace(lrt=LRTArgs(mode="off")), seq_len, False)
-    spans = lrt.pass_positions(seq_len)
-    passes = {
+    spans = lrt.pass_positions(seq_len, passes)
+    passes_flops = {
         name: (pass0 if k == 0 else refined) * len(span) / seq_len
         for k, (name, span) in enumerate(zip(lrt.pass_names, spans))
     }
-    if lrt.refreshes_kv:
+    if lrt.refreshes_kv and len(spans) > 1:
         # before subset pass i, the subsets j > i re-project the memory: (S - 1) / 2 of the positions on average
         n_pairs = 1 if lrt.projection == "shared" else len(args.injected_layers())
         proj = 2 * args.dim * 2 * args.kv_dim * n_pairs
         subsets = spans[1:]
         refreshed = sum(len(later) for i in range(len(subsets)) for later in subsets[i + 1 :]) / seq_len
-        passes["kv_refresh"] = (TRAIN_MULTIPLIER if not lrt.detach_buffer else 1) * proj * refreshed
-    return StepFlops(passes=passes, total=sum(passes.values()), baseline=baseline)
+        passes_flops["kv_refresh"] = (TRAIN_MULTIPLIER if not lrt.detach_buffer else 1) * proj * refreshed
+    return StepFlops(passes=passes_flops, total=sum(passes_flops.values()), baseline=baseline)
 
 
-def published_step_flops(args: ModelArgs, seq_len: int) -> float:
+def run_flops(args: ModelArgs, seq_len: int, steps: int, seed: int, first_step: int = 0) -> list[float]:
+    """Cumulative training FLOPs per token of the input after each optimizer step first_step..steps-1,
+    as the schedule options (refine_fraction, start_step, jacobi_mix) choose each step's passes: the sum
+    of `step_flops` over the steps run, per token of one step's batch."""
+    per_kind: dict[int, float] = {}
+    total, cumulative = 0.0, []
+    for step in range(first_step, steps):
+        passes = args.lrt.passes_at(step, seed)
+        if passes not in per_kind:
+            per_kind[passes] = step_flops(args, seq_len, passes).total
+        total += per_kind[passes]
+        cumulative.append(total)
+    return cumulative
+
+
+def published_step_flops(args: ModelArgs, seq_len: int, passes: int | None = None) -> float:
     """Training FLOPs per token of one step in the convention nanochat and torchtitan
     publish: 6N + 12 L H Q T per token and full pass (N the non-embedding parameters).
 
@@ -125,10 +142,12 @@ def published_step_flops(args: ModelArgs, seq_len: int) -> float:
     T positions together), jacobi_passes (Jacobi).
     """
     lrt = args.lrt
-    full_passes = sum(map(len, lrt.pass_positions(seq_len))) / seq_len
+    spans = lrt.pass_positions(seq_len, passes)
+    pass0_multiplier = TRAIN_MULTIPLIER if lrt.trains_pass0(len(spans)) else 1
+    trained_full_passes = (pass0_multiplier * len(spans[0]) + TRAIN_MULTIPLIER * sum(map(len, spans[1:]))) / seq_len
     q_dim = args.n_heads * args.head_dim
     uncounted_keys = sum(
         min(args.window(layer) or seq_len, seq_len) - _avg_keys(seq_len, args.window(layer))
         for layer in range(args.n_layers)
     )
-    return step_flops(args, seq_len).total + full_passes * TRAIN_MULTIPLIER * 2 * 2 * q_dim * uncounted_keys
+    return step_flops(args, seq_len, passes).total + trained_full_passes * 2 * 2 * q_dim * uncounted_keys

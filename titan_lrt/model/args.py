@@ -7,6 +7,8 @@ class; only these arguments differ. Flavors are named presets sized by depth.
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
 import re
 from dataclasses import dataclass, field
 
@@ -72,6 +74,27 @@ class LRTArgs:
     jacobi_weights: list[float] = field(default_factory=list)
     """Jacobi: loss weight of each pass (empty: equal weights)."""
 
+    # ---- cheaper schedules: which optimizer steps pay for the refinement -------------
+
+    refine_fraction: float = setting(1.0, gt=0, le=1)
+    """Fraction p of optimizer steps that run the refinement passes, spread evenly (step s
+    refines when floor((s + 1) p) > floor(s p)); the others run pass 0 alone. Cost per
+    step on average: 1 + p (full - 1) baseline steps."""
+
+    start_step: int = setting(0, ge=0)
+    """Optimizer steps before this one run pass 0 alone (the baseline's cost); the
+    configured schedule runs from it on."""
+
+    pass0_backward: bool = True
+    """Train pass 0 too. False: on refining steps pass 0 runs without autograd (no loss
+    term, no gradient through the buffer), so an interleaved step costs about
+    1/3 + 1 baseline steps instead of 2."""
+
+    jacobi_mix: list[float] = field(default_factory=list)
+    """Jacobi: probabilities of K = 1, 2, ..., jacobi_passes full passes, drawn per
+    optimizer step from the seed (empty: always jacobi_passes). Expected cost per step:
+    sum_K p_K K baseline steps."""
+
     @property
     def enabled(self) -> bool:
         return self.mode != "off"
@@ -93,12 +116,14 @@ class LRTArgs:
         """Forward passes per training step: 1 (off), 1 + S (interleaved), K (Jacobi)."""
         return len(self.pass_names)
 
-    def pass_positions(self, seq_len: int) -> list[range]:
+    def pass_positions(self, seq_len: int, passes: int | None = None) -> list[range]:
         """Per pass, the positions it computes: all of them for a full pass, P_i = {t : t mod S == i}
-        for subset pass i."""
+        for subset pass i; only the first `passes` passes when given (a step that runs fewer)."""
         if self.mode == "interleaved":
-            return [range(seq_len)] + [range(i, seq_len, self.num_subsets) for i in range(self.num_subsets)]
-        return [range(seq_len)] * self.num_passes
+            spans = [range(seq_len)] + [range(i, seq_len, self.num_subsets) for i in range(self.num_subsets)]
+        else:
+            spans = [range(seq_len)] * self.num_passes
+        return spans[:passes]
 
     @property
     def pass_shapes(self) -> int:
@@ -114,9 +139,42 @@ class LRTArgs:
         return self.mode == "interleaved" and self.kv_refresh and self.kv_feedback
 
     def describe(self) -> str:
-        """The schedule in a few words: "off", "interleaved S=4" or "jacobi K=2"."""
+        """The schedule in a few words: "off", "interleaved S=4" or "jacobi K=2" and its options."""
         detail = {"interleaved": f" S={self.num_subsets}", "jacobi": f" K={self.jacobi_passes}"}.get(self.mode, "")
-        return self.mode + detail
+        if not self.enabled:
+            return self.mode
+        options = [f"refine_fraction={self.refine_fraction:g}"] if self.refine_fraction < 1 else []
+        options += [f"start_step={self.start_step}"] if self.start_step else []
+        options += ["pass0_backward=false"] if not self.pass0_backward else []
+        options += [f"jacobi_mix={self.jacobi_mix}"] if self.mode == "jacobi" and self.jacobi_mix else []
+        return self.mode + detail + (f" ({', '.join(options)})" if options else "")
+
+    # ---- per-step choices of the cheaper schedules (one home: the trainer, the FLOPs
+    # accounting and plan_matched all ask here) -----------------------------------------
+
+    def refines_at(self, step: int) -> bool:
+        """Whether optimizer step `step` (0-based) runs the refinement passes."""
+        p = self.refine_fraction
+        return self.enabled and step >= self.start_step and math.floor((step + 1) * p) > math.floor(step * p)
+
+    def passes_at(self, step: int, seed: int) -> int:
+        """Forward passes of optimizer step `step`: 1 (pass 0 alone) on steps that do not refine,
+        else the schedule's (Jacobi with a mix: K drawn from jacobi_mix, deterministic from seed and step)."""
+        if not self.refines_at(step):
+            return 1
+        if self.mode == "jacobi" and self.jacobi_mix:
+            draw = random.Random(f"jacobi_mix:{seed}:{step}").random()
+            cumulative = 0.0
+            for k, p in enumerate(self.jacobi_mix, start=1):
+                cumulative += p
+                if draw < cumulative:
+                    return k
+            return len(self.jacobi_mix)
+        return self.num_passes
+
+    def trains_pass0(self, passes: int) -> bool:
+        """Whether pass 0 runs with autograd in a step of `passes` passes (always when it runs alone)."""
+        return self.pass0_backward or passes == 1
 
 
 @dataclass
@@ -266,6 +324,16 @@ class ModelArgs:
         _check(
             not lrt.jacobi_weights or len(lrt.jacobi_weights) == lrt.jacobi_passes,
             f"lrt.jacobi_weights has {len(lrt.jacobi_weights)} entries, lrt.jacobi_passes={lrt.jacobi_passes}",
+        )
+        _check(
+            not lrt.jacobi_mix or (lrt.mode == "jacobi" and len(lrt.jacobi_mix) == lrt.jacobi_passes),
+            f"lrt.jacobi_mix={lrt.jacobi_mix}: needs lrt.mode='jacobi' and one probability per K = 1.."
+            f"lrt.jacobi_passes={lrt.jacobi_passes}",
+        )
+        _check(
+            all(p >= 0 and math.isfinite(p) for p in lrt.jacobi_mix)
+            and (not lrt.jacobi_mix or abs(sum(lrt.jacobi_mix) - 1) < 1e-6),
+            f"lrt.jacobi_mix={lrt.jacobi_mix}: probabilities must be >= 0 and sum to 1",
         )
         if lrt.enabled:
             _check(

@@ -16,6 +16,7 @@ in the `StepResult` is at the positions this rank computed.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional, Protocol, Sequence, runtime_checkable
 
@@ -160,6 +161,7 @@ def run_schedule(
     return_kv: bool = False,
     loss_denominators: Optional[Sequence[float]] = None,
     layout: Optional[Layout] = None,
+    passes: Optional[int] = None,
 ) -> StepResult:
     """Run the schedule chosen by `model.args.lrt.mode` on a (B, T) batch.
 
@@ -168,10 +170,16 @@ def run_schedule(
     computed here, i.e. the mean); a data-parallel trainer passes global counts.
     `layout` says which positions this device computes (default: all; a
     `ContextParallel` splits them over its group, every rank passing the same batch).
+    `passes` (default: all of the schedule's) is what the step runs, from `LRTArgs.passes_at`:
+    1 runs pass 0 alone, at the baseline's cost; Jacobi runs that many full passes.
     """
-    mode = model.args.lrt.mode
-    schedule = {"interleaved": interleaved, "jacobi": jacobi}.get(mode, baseline)
-    return schedule(model, tokens, targets, backward, return_kv, loss_denominators, layout or WholeSequence())
+    lrt = model.args.lrt
+    passes = passes or lrt.num_passes
+    if passes == 1:
+        schedule = baseline
+    else:
+        schedule = {"interleaved": interleaved, "jacobi": jacobi}[lrt.mode]
+    return schedule(model, tokens, targets, backward, return_kv, loss_denominators, layout or WholeSequence(), passes)
 
 
 def baseline(
@@ -182,6 +190,7 @@ def baseline(
     return_kv=False,
     loss_denominators=None,
     layout: Layout = WholeSequence(),
+    passes: int = 1,
 ) -> StepResult:
     """One full pass (LRT off, or zero memory)."""
     run = _Losses(targets, backward, detach=False, weights=[1.0], denominators=loss_denominators)
@@ -200,16 +209,19 @@ def jacobi(
     return_kv=False,
     loss_denominators=None,
     layout: Layout = WholeSequence(),
+    passes: Optional[int] = None,
 ) -> StepResult:
     """K full passes; pass k reads the memory shift_right(s^{k-1}), pass 0 zero memory."""
     lrt = model.args.lrt
-    K = lrt.jacobi_passes
-    run = _Losses(targets, backward, lrt.detach_buffer, lrt.jacobi_weights or [1.0] * K, loss_denominators)
+    K = passes or lrt.jacobi_passes
+    weights = _pass0_weighted(lrt, (lrt.jacobi_weights or [1.0] * lrt.jacobi_passes)[:K], K)
+    run = _Losses(targets, backward, lrt.detach_buffer, weights, loss_denominators)
     inputs = layout.full_pass(model, tokens, targets)
     keep = memory_keep_mask(inputs.tokens, inputs.positions, model.args.bos_token_id, lrt.reset_at_bos)
     memory, outs = None, []
-    for _ in range(K):
-        out = model(inputs.tokens, inputs.targets, positions=inputs.positions, memory=memory, keys=inputs.keys)
+    for k in range(K):
+        with _autograd(k > 0 or lrt.trains_pass0(K)):
+            out = model(inputs.tokens, inputs.targets, positions=inputs.positions, memory=memory, keys=inputs.keys)
         run.add(out, inputs.targets)
         outs.append(out)
         states = out.states.detach() if lrt.detach_buffer else out.states
@@ -226,15 +238,20 @@ def interleaved(
     return_kv=False,
     loss_denominators=None,
     layout: Layout = WholeSequence(),
+    passes: Optional[int] = None,
 ) -> StepResult:
     """Pass 0 over all positions builds the shared buffer; then S subset passes refine it."""
     lrt = model.args.lrt
     S = lrt.num_subsets
-    run = _Losses(targets, backward, lrt.detach_buffer, [lrt.pass0_weight] + [1.0] * S, loss_denominators)
+    if passes not in (None, 1 + S):
+        raise ValueError(f"an interleaved step runs 1 or 1 + S = {1 + S} passes, not {passes}")
+    weights = _pass0_weighted(lrt, [lrt.pass0_weight] + [1.0] * S, 1 + S)
+    run = _Losses(targets, backward, lrt.detach_buffer, weights, loss_denominators)
 
     # Pass 0: all T positions, zero memory; its K/V and source states fill the buffer.
     inputs = layout.full_pass(model, tokens, targets)
-    out0 = model(inputs.tokens, inputs.targets, positions=inputs.positions, keys=inputs.keys)
+    with _autograd(lrt.trains_pass0(1 + S)):
+        out0 = model(inputs.tokens, inputs.targets, positions=inputs.positions, keys=inputs.keys)
     run.add(out0, inputs.targets)
     buffer = layout.buffer(model, tokens, out0, inputs, S, detach=lrt.detach_buffer)
     outs = [out0]
@@ -268,11 +285,12 @@ def interleaved(
     return run.result(outs, positions, merged, kv=buffer.merged_kv() if return_kv else [])
 
 
-def pass_target_counts(lrt: LRTArgs, targets: Tensor) -> Tensor:
-    """Scored targets of each pass of a step over (..., T) targets (every leading dim summed),
-    as float64, pass 0 first: what `loss_denominators` holds once summed over the global batch."""
+def pass_target_counts(lrt: LRTArgs, targets: Tensor, passes: Optional[int] = None) -> Tensor:
+    """Scored targets of each pass of a step of `passes` passes (default: all) over (..., T) targets
+    (every leading dim summed), as float64, pass 0 first: what `loss_denominators` holds once summed
+    over the global batch."""
     scored = (targets != IGNORE_INDEX).reshape(-1, targets.size(-1)).sum(0)  # (T,)
-    spans = lrt.pass_positions(targets.size(-1))
+    spans = lrt.pass_positions(targets.size(-1), passes)
     return torch.stack([scored[span.start : span.stop : span.step].sum() for span in spans]).double()
 
 
@@ -283,6 +301,15 @@ def mean_loss(token_loss: Tensor, targets: Tensor) -> Tensor:
     """Mean over the positions whose target is scored."""
     count = (targets != IGNORE_INDEX).sum().clamp(min=1)
     return token_loss.sum() / count
+
+
+def _pass0_weighted(lrt: LRTArgs, weights: list[float], passes: int) -> list[float]:
+    """Loss weights of a step's passes: pass 0 has none when it runs without autograd."""
+    return weights if lrt.trains_pass0(passes) else [0.0] + weights[1:]
+
+
+def _autograd(enabled: bool):
+    return contextlib.nullcontext() if enabled else torch.no_grad()
 
 
 def _all_positions(tokens: Tensor) -> Tensor:
@@ -315,7 +342,7 @@ class _Losses:
             loss = out.token_loss.sum() / self.denominators[i]
         loss = self.weights[i] * loss
         self.losses.append(mean_loss(out.token_loss.detach(), targets))
-        if self.per_pass:  # micro-step: this pass's graph is freed right here
+        if self.per_pass and loss.requires_grad:  # micro-step: this pass's graph is freed right here
             self.backward(loss, i == len(self.weights) - 1)
             loss = loss.detach()
         self.total = loss if self.total is None else self.total + loss
