@@ -242,6 +242,18 @@ def test_plan_matched_arithmetic_equals_a_hand_count(capsys):
     assert "--training.steps=8056 --job.dump_folder=out/tiny-baseline-equal-compute --lrt.mode=off\n" in out
     assert plan_matched.main(["--tokens", "1e6", *argv, "--lrt.mode=off"]) == 2
 
+    # a cheaper schedule: every other step refines, pass 0 without backward on those
+    cheap, _ = load_config([*argv, "--lrt.refine_fraction=0.5", "--lrt.pass0_backward=false"])
+    cheap_args, _ = plan_matched.model_args_for_planning(cheap)
+    pass0_alone = 2 * 3 * (2 * (layer + gates) + head)
+    refining = 2 * 1 * (2 * (layer + gates) + head) + 2 * 3 * (2 * (layer + gates) + head + feedback)
+    lrt_run, _, compute_run = plan_matched.plan(cheap, cheap_args, "tokens", 1e6)
+    assert lrt_run.steps == 3906  # 1953 of each kind
+    assert lrt_run.flops_per_token == pytest.approx((pass0_alone + refining) / 2, rel=1e-12)
+    assert compute_run.steps == round(3906 * (pass0_alone + refining) / 2 / baseline)
+    by_flops = plan_matched.plan(cheap, cheap_args, "flops", lrt_run.flops)[0]
+    assert by_flops.steps == 3906 and by_flops.flops == pytest.approx(lrt_run.flops, rel=1e-12)
+
 
 def test_plot_runs_writes_pngs_from_real_and_sparse_logs(trained, tmp_path):
     from torch.utils.tensorboard import SummaryWriter

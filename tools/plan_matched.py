@@ -13,9 +13,12 @@ included). Then:
   (the same tokens);
 - baseline, equal compute: as many training FLOPs as the LRT run, i.e. more steps.
 
-FLOPs per token are the ones the trainer reports (`step_flops`: every pass the
-schedule really runs, forward + backward, attention included). Steps are rounded
-to whole steps, so the printed FLOPs show how close the match is. The warmup is
+FLOPs are the ones the trainer reports (`step_flops`: every pass the schedule
+really runs, forward + backward, attention included), summed over the steps as
+the schedule options choose them (`run_flops`: refine_fraction, start_step,
+pass0_backward, jacobi_mix), so a cheaper schedule gets its own equal-compute
+baseline. Steps are rounded to whole steps, so the printed FLOPs show how close
+the match is. The warmup is
 a number of steps and the decay a fraction of the run in the LR schedule, so a
 longer baseline keeps the same warmup and a proportionally longer decay. Each
 run gets its own dump folder, so that a baseline never resumes from the LRT's
@@ -32,7 +35,7 @@ from pathlib import Path
 
 from titan_lrt.config import Config, ConfigError, load_config
 from titan_lrt.data.tokenizer import Tokenizer
-from titan_lrt.model.accounting import count_parameters, step_flops
+from titan_lrt.model.accounting import count_parameters, run_flops, step_flops
 from titan_lrt.model.args import ModelArgs
 
 BUDGETS = ("tokens", "flops", "tokens_per_param")
@@ -71,21 +74,22 @@ def plan(config: Config, args: ModelArgs, budget: str, amount: float, ranks: int
     if amount <= 0:
         raise ValueError(f"budget {budget}={amount}: must be > 0")
     per_step = tokens_per_step(config, ranks)
-    flops = step_flops(args, config.training.seq_len)
+    seq_len, seed = config.training.seq_len, config.training.seed
+    flops = step_flops(args, seq_len)
     params = count_parameters(args)
-    tokens = {
-        "tokens": amount,
-        "flops": amount / flops.total,
-        "tokens_per_param": amount * params.total,
-    }[budget]
-    lrt_steps = max(1, round(tokens / per_step))
+    if budget == "flops":
+        lrt_steps = steps_for_flops(args, seq_len, seed, amount / per_step)
+    else:
+        tokens = amount if budget == "tokens" else amount * params.total
+        lrt_steps = max(1, round(tokens / per_step))
+    lrt_flops_per_token = run_flops(args, seq_len, lrt_steps, seed)[-1] / lrt_steps
     dump = config.job.dump_folder.rstrip("/")
 
     def run(name, description, steps, flops_per_token, parameters, extra):
         overrides = [f"--training.steps={steps}", f"--job.dump_folder={dump}-{name}", *extra]
         return PlannedRun(name, description, steps, per_step, flops_per_token, parameters, overrides)
 
-    lrt = run("lrt", "LRT", lrt_steps, flops.total, params.total, [])
+    lrt = run("lrt", "LRT", lrt_steps, lrt_flops_per_token, params.total, [])
     equal_compute_steps = max(1, round(lrt.flops / (flops.baseline * per_step)))
     return [
         lrt,
@@ -106,6 +110,14 @@ def plan(config: Config, args: ModelArgs, budget: str, amount: float, ranks: int
             ["--lrt.mode=off"],
         ),
     ]
+
+
+def steps_for_flops(args: ModelArgs, seq_len: int, seed: int, flops_per_token_of_a_step: float) -> int:
+    """The number of steps whose cumulative FLOPs (per token of one step's batch) come closest to the target."""
+    average = run_flops(args, seq_len, 1_000, seed)[-1] / 1_000
+    guess = max(1, round(flops_per_token_of_a_step / average))
+    cumulative = run_flops(args, seq_len, 2 * guess + 10, seed)
+    return 1 + min(range(len(cumulative)), key=lambda i: abs(cumulative[i] - flops_per_token_of_a_step))
 
 
 def model_args_for_planning(config: Config) -> tuple[ModelArgs, str]:
@@ -150,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lrt, t = runs[0], config.training
     flops = step_flops(args, t.seq_len)
+    average = lrt.flops_per_token
     batch = t.global_batch_size or t.local_batch_size * known.ranks
     print(f"budget: {getattr(known, kind):.4g} {kind.replace('_', ' ')}")
     print(
@@ -158,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"batch: {batch} sequences x {t.seq_len} tokens = {lrt.tokens_per_step:,} tokens per step")
     print(
-        f"training FLOPs per token: LRT {flops.total:.4g}, baseline {flops.baseline:.4g} "
-        f"(ratio {flops.baseline_ratio:.4f})"
+        f"training FLOPs per token: LRT {flops.total:.4g} per refining step, {average:.4g} on average over its "
+        f"{lrt.steps:,} steps; baseline {flops.baseline:.4g} (ratio {average / flops.baseline:.4f})"
     )
     print()
     print(f"{'run':<26}{'steps':>12}{'tokens':>18}{'FLOPs':>12}{'FLOPs/LRT':>11}{'params':>13}{'tokens/param':>14}")

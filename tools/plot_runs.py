@@ -8,10 +8,10 @@ TensorBoard folder. Figures, each written when at least one run has its data:
 
 - loss.png: training loss (merged, i.e. each position scored by the last pass
   that computed it; the total loss for runs without it) against tokens seen and
-  against baseline-equivalent tokens, which count training compute in units
-  of the baseline's FLOPs per token (an LRT step costs about 2 of them);
+  against the cumulative training FLOPs the run logged (flops/seen: every pass
+  that ran, so cheaper schedules are placed by what they spent);
 - bpb.png: validation bits per byte, merged (solid) and exact recurrence
-  (dashed), against tokens and against baseline-equivalent tokens;
+  (dashed), against tokens and against cumulative training FLOPs;
 - pass_losses.png: the loss of every pass, one panel per run;
 - merged_vs_exact.png: validation bpb of merged minus exact (the train/inference
   gap) and training loss of merged minus pass 0, against tokens.
@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 TOKENS = "throughput/tokens_seen"
-COMPUTE = "throughput/baseline_equivalent_tokens"
-X_AXES = {TOKENS: "tokens seen", COMPUTE: "baseline-equivalent tokens (training compute)"}
+COMPUTE = "flops/seen"
+X_AXES = {TOKENS: "tokens seen", COMPUTE: "training FLOPs (what ran, cumulative)"}
 
 
 @dataclass
