@@ -38,6 +38,7 @@ CASES = {
     "lrt_s4_detached_refresh": (32, {"lrt": {"num_subsets": 4, "detach_buffer": True, "kv_refresh": True}}),
     "lrt_s2_windows": (32, {"window_pattern": "SL", "short_window": 5, "lrt": {"num_subsets": 2}}),
     "jacobi": (32, {"lrt": {"mode": "jacobi", "jacobi_passes": 3}}),
+    "lrt_s2_pass0_without_backward": (32, {"lrt": {"num_subsets": 2, "pass0_backward": False}}),
     # the FlexAttention path (what "auto" takes on CUDA): block masks from the query runs;
     # forward only (FlexAttention has no backward on CPU)
     "lrt_s2_flex": (32, {"attention_backend": "flex", "lrt": {"num_subsets": 2}}),

@@ -59,6 +59,7 @@ CASES = [
     "lrt_s4_detached_refresh",
     "lrt_s2_windows",
     "jacobi",
+    "lrt_s2_pass0_without_backward",
     "lrt_s2_flex",
     "lrt_s2_windows_flex",
 ]

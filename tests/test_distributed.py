@@ -94,8 +94,9 @@ def runs(small_data, tmp_path_factory):
         ("--lrt.mode=off",),
         ("--lrt.mode=interleaved",),
         ("--lrt.mode=interleaved", "--lrt.detach_buffer=true", "--lrt.kv_refresh=true"),
+        ("--lrt.mode=interleaved", "--lrt.refine_fraction=0.5", "--lrt.pass0_backward=false"),
     ],
-    ids=["baseline", "lrt_s2", "lrt_s2_detached"],
+    ids=["baseline", "lrt_s2", "lrt_s2_detached", "lrt_s2_cheap"],
 )
 def test_two_rank_fsdp_matches_one_process(runs, schedule):
     name = "_".join(a.split("=")[-1] for a in schedule)
