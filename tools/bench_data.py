@@ -34,12 +34,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-streams", type=int, default=64, help="default: %(default)s")
     parser.add_argument("--raw", default=None, help="also time this raw source (tokenized on the fly)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="default: %(default)s")
-    parser.add_argument("--packing", nargs="+", default=list(PACKING_MODES), choices=PACKING_MODES)
+    parser.add_argument("--packing", nargs="+", default=list(PACKING_MODES), choices=PACKING_MODES, help="default: all")
+    parser.add_argument(
+        "--encode", action=argparse.BooleanOptionalAction, default=True, help="time encode_batch on raw sources"
+    )
     args = parser.parse_args(argv)
 
     tokenizer = Tokenizer.from_file(args.tokenizer)
     for data in (args.data, args.raw) if args.raw else (args.data,):
-        if not is_prepared(data):
+        if args.encode and not is_prepared(data):
             time_encoding(data, args.split, tokenizer)
         time_loaders(data, tokenizer, args)
 
