@@ -28,6 +28,10 @@ and packs only their rows. For each batch every worker hands over its rows with
 the states of the streams it moved; the trainer's process places them in the
 batch by stream. A batch, and the state after it, is therefore the same for
 every K (0 packs in the trainer's process), and a state resumes under any K.
+Streamed hub data takes at most one worker: `datasets` would split each stream
+among the torch workers by itself. Workers ignore stop signals (the trainer
+saves first), so the loader stops them itself: on a DataError, on `close()`, and
+at interpreter exit.
 """
 
 from __future__ import annotations
