@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import datasets
 import pyarrow as pa
@@ -235,8 +240,10 @@ def test_bad_sources_and_settings_give_clear_errors(tmp_path, tokenizer):
         loader(dp_world_size=2, dp_rank=2)
     with pytest.raises(ValueError, match="4 documents, fewer than num_streams=8"):
         loader(num_streams=8)
-    with pytest.raises(ValueError, match="num_workers must be 0 or 1, got 2"):
-        loader(num_workers=2)
+    with pytest.raises(ValueError, match="num_workers must be an integer in \\[0, 16\\], got 17"):
+        loader(num_workers=17)
+    with pytest.raises(ValueError, match="data.num_workers=2 is more than the 1 streams this rank packs .*over 2 data"):
+        loader(num_workers=2, dp_world_size=2, dp_rank=1)
     with pytest.raises(ValueError, match="seq_len must be a positive integer, got 0"):
         loader(seq_len=0)
 
@@ -482,6 +489,8 @@ def test_streaming_source_resumes_and_matches_across_world_sizes(tmp_path, num_w
         )
 
     expected = take(make(), 20)
+    with pytest.raises(ValueError, match="num_workers=2 with streamed data: .* at most 1 worker; set data.num_w"):
+        make(workers=2)  # datasets would hand each torch worker part of a stream
     first = make(workers=num_workers)
     take(first, 8)
     state = first.state_dict()
@@ -532,16 +541,21 @@ def test_bad_jsonl_lines_are_named_by_file_and_line(tmp_path):
         load_documents(tmp_path / "b")
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize("num_workers", [0, 1, 2])
 def test_non_utf8_bytes_in_a_jsonl_string_fail_at_their_row_with_file_and_line(tmp_path, num_workers):
-    """They load (Arrow keeps the bytes) and fail when the loader reads the row, in the worker
+    """They load (Arrow keeps the bytes) and fail when the loader reads the row, in a worker
     too: the error arrives as the DataError itself, not wrapped in the worker's traceback."""
     rows = [json.dumps({"text": f"document {i} " * 4}).encode() for i in range(10)]
     rows[7] = b'{"text": "caf\xe9"}'
     path = tmp_path / "train.jsonl"
     path.write_bytes(b"\n".join(rows) + b"\n")
     loader = loader_of(
-        path, tokenizer=CharTokenizer(), seq_len=8, local_batch_size=2, num_streams=1, num_workers=num_workers
+        path,
+        tokenizer=CharTokenizer(),
+        seq_len=8,
+        local_batch_size=2,
+        num_streams=max(num_workers, 1),
+        num_workers=num_workers,
     )
     with pytest.raises(
         DataError,
@@ -549,6 +563,54 @@ def test_non_utf8_bytes_in_a_jsonl_string_fail_at_their_row_with_file_and_line(t
         r"re-encode .* \(row 7 of .*train.jsonl\[train\]\)",
     ):
         take(loader, 100)
+
+
+EXIT_SCRIPT = """
+import json, sys
+from titan_lrt.data.loader import build_dataloader
+
+class CharTokenizer:
+    bos_id = 0
+
+    def encode_batch(self, texts):
+        return [[ord(c) for c in text] for text in texts]
+
+def loader_of(path):
+    return build_dataloader(
+        path, tokenizer=CharTokenizer(), seq_len=8, local_batch_size=3, num_streams=4, num_workers=2,
+        split="train", text_column="text", packing="concat", seed=0, streaming=False,
+    )
+
+good, bad = sys.argv[1:]
+kept = loader_of(good)  # still running, and referenced, when the interpreter exits
+for _ in range(3):
+    next(kept)
+failing = loader_of(bad)
+while True:
+    next(failing)
+"""
+
+
+def test_process_exits_with_the_data_error_while_loaders_with_workers_are_open(tmp_path):
+    """Workers ignore stop signals, so the interpreter's exit must stop them (it used to wait forever)."""
+    good = tmp_path / "good" / "train.jsonl"
+    good.parent.mkdir()
+    good.write_text("".join(json.dumps({"text": f"document {i} " * 3}) + "\n" for i in range(12)))
+    rows = [json.dumps({"text": f"document {i} " * 3}).encode() for i in range(12)]
+    rows[9] = b'{"text": "caf\xe9"}'
+    bad = tmp_path / "bad" / "train.jsonl"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\n".join(rows) + b"\n")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(EXIT_SCRIPT))
+    done = subprocess.run(
+        [sys.executable, str(script), str(good), str(bad)], capture_output=True, text=True, env=env, timeout=120
+    )
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and last.startswith("titan_lrt.data.sources.DataError: "), done.stderr[-2000:]
+    assert "train.jsonl line 10: not valid UTF-8" in last
 
 
 def test_too_few_non_empty_documents_for_the_streams_is_named_up_front():

@@ -240,6 +240,42 @@ def test_prepared_exact_resume_and_resharding(prepared, packing):
     assert len(rows) == len(expected) and all(torch.equal(a, b) for a, b in zip(rows, expected))
 
 
+def test_batches_and_states_are_the_same_for_every_worker_count(prepared):
+    """Workers own disjoint streams; the trainer's process puts their rows back in batch order. Six
+    streams, batches of four rows: workers own 6, 3, 2 streams, and a batch's rows reach them unevenly."""
+    tok = tok_of(prepared)
+    make = lambda workers, **kw: loader(prepared, tok, num_streams=6, num_workers=workers, **kw)  # noqa: E731
+    expected = make(0)
+    batches, state = take(expected, 7), expected.state_dict()
+    for workers in (1, 2, 3):
+        run = make(workers)
+        assert_same_batches(take(run, 7), batches)
+        assert run.state_dict() == state
+        run.close()
+    # rank 1 of 2 owns streams 1, 3, 5: its rows are every other global row, with 0 or 3 workers
+    ranks = [make(3 * r, local_batch_size=2, dp_rank=r, dp_world_size=2) for r in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(interleave([take(r, 7) for r in ranks]), rows_of(batches)))
+    ranks[1].close()
+
+
+def test_resume_across_worker_counts_and_after_close(prepared):
+    tok = tok_of(prepared)
+    make = lambda workers: loader(prepared, tok, num_streams=6, num_workers=workers)  # noqa: E731
+    expected = take(make(0), 12)
+    two = make(2)
+    head = take(two, 5)
+    state = json.loads(json.dumps(two.state_dict()))
+    three = make(3)
+    three.load_state_dict(state)  # saved with 2 workers, resumed with 3
+    assert_same_batches(head + take(three, 7), expected)
+    two.close()  # stopped mid-run, iterated again: goes on after the last batch it handed out
+    assert_same_batches(take(two, 3), expected[5:8])
+    three.load_state_dict(two.state_dict())  # a loader that ran on restarts from the state
+    assert_same_batches(take(three, 4), expected[8:])
+    for run in (two, three):
+        run.close()
+
+
 def test_prepared_bad_folders_fail_in_one_line(prepared, tmp_path, corpus_tokenizer):
     import shutil
 

@@ -122,13 +122,15 @@ def test_corrupt_tokenizer_file_is_one_line(small_data, tmp_path, capsys):
     )
 
 
-def test_non_utf8_row_mid_run_names_file_and_row_and_keeps_the_checkpoints(small_data, tmp_path, capsys):
-    """The bytes load (a jsonl string), and fail when the loader worker reads the row, several
+@pytest.mark.parametrize("workers", [1, 2])
+def test_non_utf8_row_mid_run_names_file_and_row_and_keeps_the_checkpoints(small_data, tmp_path, capsys, workers):
+    """The bytes load (a jsonl string), and fail when a loader worker reads the row, several
     checkpoints into the run: the row is named and the checkpoints before it are complete."""
     n = 200
     rows = jsonl_rows(n)
-    order = stream_document_order(n, 1, 0, 0, seed=0).tolist()
-    bad_row = order[3 * DOCS_PER_CHUNK]  # in the fourth chunk the stream reads: several steps in
+    order = stream_document_order(n, workers, 0, 0, seed=0).tolist()  # stream 0's documents
+    # in a later chunk of stream 0 (stream 1 takes every other row): several steps in
+    bad_row = order[3 * DOCS_PER_CHUNK // workers]
     rows[bad_row] = b'{"text": "caf\xe9 au lait"}'
     source = write_jsonl(tmp_path / "bad" / "train.jsonl", rows)
     dump = tmp_path / "run"
@@ -137,8 +139,8 @@ def test_non_utf8_row_mid_run_names_file_and_row_and_keeps_the_checkpoints(small
             small_data,
             dump,
             f"--data.dataset={source.parent}",
-            "--data.num_streams=1",
-            "--data.num_workers=1",
+            f"--data.num_streams={workers}",
+            f"--data.num_workers={workers}",
             "--training.steps=1000",
             "--checkpoint.interval=2",
         )

@@ -26,7 +26,7 @@ from typing import Any
 
 from titan_lrt.allowed import allowed_text, message, setting, suggest
 from titan_lrt.checkpoint import ASYNC_MODES
-from titan_lrt.data.loader import NUM_WORKERS
+from titan_lrt.data.loader import MAX_NUM_WORKERS
 from titan_lrt.data.mixture import check_weights
 from titan_lrt.data.packing import PACKING_MODES
 from titan_lrt.guards import SPIKE_ACTIONS
@@ -277,8 +277,9 @@ class Data:
     num_streams: int = setting(8, ge=1)
     """Fixed virtual data streams; any data-parallel world size dividing it can resume a run."""
 
-    num_workers: int = setting(1, choices=NUM_WORKERS)
-    """Background tokenization workers of the loader (0 or 1)."""
+    num_workers: int = setting(1, ge=0, le=MAX_NUM_WORKERS)
+    """Background loader processes per rank (0: in the trainer); each packs whole streams, so at most
+    num_streams / data-parallel ranks (1 for streamed data). Batches and resume are the same for every count."""
 
 
 @dataclass

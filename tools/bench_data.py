@@ -5,7 +5,8 @@
 
 Prints tokens/s of `Tokenizer.encode_batch` over the whole split (raw sources),
 then of the loader of one rank (tokenize or read shards, pack, batch) for each
-packing mode with 0 and 1 workers, with the fraction of tokens packing dropped.
+packing mode and worker count (`--workers`, default 0 1 2), with the fraction of
+tokens packing dropped. Every worker count yields the same batches.
 A folder made by tools/prepare_data.py is read pre-tokenized; `--raw SOURCE`
 adds the same source tokenized on the fly, to compare both paths.
 """
@@ -32,11 +33,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=200, help="loader batches timed (default: %(default)s)")
     parser.add_argument("--num-streams", type=int, default=64, help="default: %(default)s")
     parser.add_argument("--raw", default=None, help="also time this raw source (tokenized on the fly)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="default: %(default)s")
+    parser.add_argument("--packing", nargs="+", default=list(PACKING_MODES), choices=PACKING_MODES, help="default: all")
+    parser.add_argument(
+        "--encode", action=argparse.BooleanOptionalAction, default=True, help="time encode_batch on raw sources"
+    )
     args = parser.parse_args(argv)
 
     tokenizer = Tokenizer.from_file(args.tokenizer)
     for data in (args.data, args.raw) if args.raw else (args.data,):
-        if not is_prepared(data):
+        if args.encode and not is_prepared(data):
             time_encoding(data, args.split, tokenizer)
         time_loaders(data, tokenizer, args)
 
@@ -55,8 +61,8 @@ def time_encoding(data: str, split: str, tokenizer: Tokenizer) -> None:
 
 def time_loaders(data: str, tokenizer: Tokenizer, args) -> None:
     kind = "prepared" if is_prepared(data) else "raw"
-    for packing in PACKING_MODES:
-        for num_workers in (0, 1):
+    for packing in args.packing:
+        for num_workers in args.workers:
             loader = build_dataloader(
                 data,
                 split=args.split,
@@ -77,6 +83,7 @@ def time_loaders(data: str, tokenizer: Tokenizer, args) -> None:
             seconds = time.perf_counter() - start
             rate = args.batches * args.batch_size * args.seq_len / seconds
             waste = loader.stats()["waste_fraction"]
+            loader.close()
             print(
                 f"loader {kind:<8} {packing:<11} workers={num_workers}: {rate:,.0f} tokens/s per rank, "
                 f"waste {waste:.2%}"

@@ -21,18 +21,34 @@ source's position inside its streams' states (see `mixture.py`).
 that union (any world size dividing N) and keeps the streams the rank owns.
 The global position is the total number of rows of all streams, so the dicts
 of every rank are needed, taken at the same step.
+
+Workers. With K background workers (`data.num_workers`), worker k owns the
+rank's streams s with (s div W) = k (mod K), i.e. every K-th stream of the rank,
+and packs only their rows. For each batch every worker hands over its rows with
+the states of the streams it moved; the trainer's process places them in the
+batch by stream. A batch, and the state after it, is therefore the same for
+every K (0 packs in the trainer's process), and a state resumes under any K.
+Streamed hub data takes at most one worker: `datasets` would split each stream
+among the torch workers by itself. Workers ignore stop signals (the trainer
+saves first), so the loader stops them itself: on a DataError, on `close()`, and
+at interpreter exit.
 """
 
 from __future__ import annotations
 
+import atexit
+import copy
+import itertools
 import signal
-from collections.abc import Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
+import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
-from torchdata.stateful_dataloader import StatefulDataLoader
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from titan_lrt.data.mixture import Mixture
 from titan_lrt.data.packing import row_packer
@@ -40,13 +56,26 @@ from titan_lrt.data.prepared import PreparedSplit, open_source
 from titan_lrt.data.sources import DataError, Documents
 from titan_lrt.data.streams import RawSource, StreamState, TextEncoder
 
-NUM_WORKERS = (0, 1)
-"""Background tokenization workers a loader may use (data.num_workers): each stream is packed
-sequentially, and one worker already tokenizes off the training process."""
+MAX_NUM_WORKERS = 16
+"""Most background workers a loader may use (data.num_workers; 0 packs in the training process).
+Each worker is a process that owns whole streams, so a rank also has at most as many workers as
+streams; past a few, the trainer's process assembling the batches is the limit."""
+
+
+class BatchPart(NamedTuple):
+    """What one worker hands over per batch: its rows, in batch order, and its streams' new states."""
+
+    worker: int
+    batch: int  # index of the batch since the loader (re)started
+    # (rows of this worker, seq_len + 1) int32, as numpy: pickled through the worker's pipe, where a tensor
+    # would go through shared memory, whose cost per tensor made workers 2-5x slower on prepared data
+    rows: np.ndarray
+    states: dict[str, dict]  # stream id -> StreamState dict, for the streams these rows moved
 
 
 class PackedRowsDataset(IterableDataset):
-    """Yields the (inputs, targets) batches of one rank; `state_dict`/`load_state_dict` as above."""
+    """The rows of one rank, as `BatchPart`s of each worker (`parts`); `state_dict`/`load_state_dict` as above.
+    `TokenBatchLoader` assembles the parts into batches."""
 
     def __init__(
         self,
@@ -124,31 +153,55 @@ class PackedRowsDataset(IterableDataset):
         # this rank's first global row at or after next_row
         self._next_row = next_row + (self.dp_rank - next_row) % self.dp_world_size
 
-    def __iter__(self):
-        info = get_worker_info()
-        if info is not None and info.num_workers > 1:
-            raise RuntimeError("PackedRowsDataset supports at most one DataLoader worker")
-        num_streams, row_len = self.settings["num_streams"], self.settings["seq_len"] + 1
-        streams: dict = {}  # opened on first use: each reads ahead a little
-        while True:
-            try:
-                batch = self._next_batch(streams, num_streams, row_len)
-            except DataError as err:
-                if info is None:
-                    raise
-                yield err  # a worker hands bad data to the trainer to raise as it is (see TokenBatchLoader)
-                return
-            yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+    def seek(self, streams: dict[str, dict], next_row: int) -> None:
+        """Put this rank's streams at `streams` (this rank's own, as in `state_dict`) and its next row at
+        `next_row`: where a loader that stopped its workers goes on."""
+        self._states = {s: StreamState.from_dict(copy.deepcopy(streams[str(s)])) for s in self.owned_streams}
+        self._next_row = next_row
 
-    def _next_batch(self, streams: dict, num_streams: int, row_len: int) -> torch.Tensor:
-        rows = []
-        for _ in range(self.local_batch_size):
-            s = self._next_row % num_streams
-            if s not in streams:
-                streams[s] = self.source.open_stream(num_streams, s, self.settings["seed"], self._states[s])
-            rows.append(self._pack(streams[s], row_len))
-            self._next_row += self.dp_world_size
-        return torch.stack(rows).long()
+    @property
+    def next_row(self) -> int:
+        """This rank's next global row (where iteration starts)."""
+        return self._next_row
+
+    def row_streams(self, first_row: int) -> list[int]:
+        """The streams of the rows of the batch whose first row is global row `first_row`."""
+        num_streams, world = self.settings["num_streams"], self.dp_world_size
+        return [(first_row + j * world) % num_streams for j in range(self.local_batch_size)]
+
+    def worker_of(self, stream: int, num_workers: int) -> int:
+        """The worker (of `num_workers`, at least 1) that packs `stream`: every num_workers-th owned stream."""
+        return (stream // self.dp_world_size) % num_workers
+
+    def __iter__(self) -> Iterator[BatchPart | DataError]:
+        info = get_worker_info()
+        return self.parts(0, 1) if info is None else self.parts(info.id, info.num_workers)
+
+    def parts(self, worker: int, num_workers: int) -> Iterator[BatchPart | DataError]:
+        """The rows of `worker`'s streams, batch by batch, from the current state on. Bad data raises a
+        DataError; in a loader worker it ends the parts as an item instead, which the trainer raises as it
+        is (see TokenBatchLoader), where torch would wrap it in the worker's traceback."""
+        row_len = self.settings["seq_len"] + 1
+        streams: dict = {}  # opened on first use: each reads ahead a little
+        for batch in itertools.count():
+            mine = [s for s in self.row_streams(self._next_row) if self.worker_of(s, num_workers) == worker]
+            try:
+                rows = [self._pack(self._open(streams, s), row_len) for s in mine]
+            except DataError as err:
+                if get_worker_info() is None:
+                    raise
+                yield err
+                return
+            self._next_row += self.local_batch_size * self.dp_world_size
+            rows = torch.stack(rows).numpy() if rows else np.empty((0, row_len), dtype=np.int32)
+            yield BatchPart(worker, batch, rows, {str(s): _state_copy(self._states[s]) for s in set(mine)})
+
+    def _open(self, streams: dict, stream: int):
+        if stream not in streams:
+            streams[stream] = self.source.open_stream(
+                self.settings["num_streams"], stream, self.settings["seed"], self._states[stream]
+            )
+        return streams[stream]
 
     def _initial_state(self) -> dict:
         streams = {str(s): StreamState().to_dict() for s in range(self.settings["num_streams"])}
@@ -158,39 +211,43 @@ class PackedRowsDataset(IterableDataset):
 class TokenBatchLoader:
     """What the trainer iterates: `(inputs, targets)` long tensors of shape (local_batch_size, seq_len).
 
-    Wraps a `StatefulDataLoader` (at most one worker, which tokenizes in the
-    background). `state_dict()` is the dataset state of the last batch handed
-    out (see the module docstring); `load_state_dict()` restarts the loader
-    from a (merged) state.
+    With `num_workers` >= 1 it runs a torch `DataLoader` whose workers pack disjoint sets of
+    streams (see the module docstring) and assembles each batch from their parts in a fixed
+    order; with 0 it packs in this process. `state_dict()` is the state after the last batch
+    handed out (see the module docstring), the same for every worker count;
+    `load_state_dict()` restarts the loader from a (merged) state. `close()` stops the workers
+    (done at interpreter exit for the loaders still open).
     """
 
     def __init__(self, dataset: PackedRowsDataset, *, num_workers: int, pin_memory: bool = False):
-        if num_workers not in NUM_WORKERS:
-            raise ValueError(
-                f"num_workers must be 0 or 1, got {num_workers!r}: each stream is packed "
-                "sequentially, and one worker already tokenizes off the training process"
-            )
+        check_num_workers(num_workers, dataset)
         self.dataset = dataset
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self._parts: Iterator | None = None
         self._restart()
+        _OPEN_LOADERS.add(self)
 
     def __iter__(self) -> TokenBatchLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._batches is None:
-            self._batches = iter(self._loader)
-        batch = next(self._batches)
-        if isinstance(batch, DataError):  # raised in the worker, where torch would wrap it in a traceback
-            self._stop_worker()
-            raise batch
-        return batch
+        if self._parts is None:
+            self._parts = self._start()
+        parts = [self._next_part(worker) for worker in range(max(self.num_workers, 1))]
+        streams = self.dataset.row_streams(self._next_row)
+        batch = self._assemble(parts, streams)
+        for part in parts:
+            self._streams.update(part.states)
+        self._next_row += self.dataset.local_batch_size * self.dataset.dp_world_size
+        self._batch += 1
+        inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        if self.pin_memory:
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+        return inputs, targets
 
     def state_dict(self) -> dict:
-        if self._batches is None:
-            return self.dataset.state_dict()
-        return _dataset_state(self._loader.state_dict(), self.num_workers)
+        return {**self.dataset.settings, "streams": dict(self._streams)}
 
     def load_state_dict(self, state: dict) -> None:
         self.dataset.load_state_dict(state)
@@ -206,23 +263,108 @@ class TokenBatchLoader:
             stats["tokens_read_by_source"] = self.dataset.source.tokens_read_by_source(streams)
         return stats
 
-    def _stop_worker(self) -> None:
-        """Now, not when the iterator is collected: the worker ignores stop signals (see below), so one
-        left running would block an interpreter exit that waits for it."""
-        shutdown = getattr(self._batches, "_shutdown_workers", None)
+    def close(self) -> None:
+        """Stop the workers now. They ignore stop signals (see below), so one left running would block
+        an interpreter exit that waits for it. Iterating again restarts after the last batch handed out."""
+        if self._parts is not None:
+            self._stop()
+            self.dataset.seek(self._streams, self._next_row)
+
+    def _next_part(self, worker: int) -> BatchPart:
+        try:
+            part = next(self._parts)
+        except DataError:  # met in this process
+            self.close()
+            raise
+        if isinstance(part, DataError):  # met in a worker
+            self.close()
+            raise part
+        if (part.worker, part.batch) != (worker, self._batch):  # the DataLoader serves its workers in turn
+            raise RuntimeError(
+                f"loader expected batch {self._batch} of worker {worker}, got batch {part.batch} of worker "
+                f"{part.worker}; the torch DataLoader no longer returns its workers' items in order"
+            )
+        return part
+
+    def _assemble(self, parts: list[BatchPart], streams: list[int]) -> torch.Tensor:
+        """The batch: row j comes from the part of the worker that owns stream `streams[j]`, in order."""
+        if len(parts) == 1:
+            return torch.from_numpy(parts[0].rows).long()
+        batch = torch.empty(len(streams), self.dataset.settings["seq_len"] + 1, dtype=torch.long)
+        for part in parts:
+            positions = [j for j, s in enumerate(streams) if self.dataset.worker_of(s, self.num_workers) == part.worker]
+            if positions:
+                batch[positions] = torch.from_numpy(part.rows).long()
+        return batch
+
+    def _start(self) -> Iterator:
+        if self.num_workers == 0:
+            return self.dataset.parts(0, 1)
+        return iter(
+            DataLoader(
+                self.dataset,
+                batch_size=None,
+                collate_fn=_as_is,  # parts go through unchanged (the default would convert the states)
+                num_workers=self.num_workers,
+                worker_init_fn=_leave_stop_signals_to_the_trainer,
+            )
+        )
+
+    def _stop(self) -> None:
+        shutdown = getattr(self._parts, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
-        self._batches = None
+        self._parts, self._batch = None, 0
 
     def _restart(self) -> None:
-        self._loader = StatefulDataLoader(
-            self.dataset,
-            batch_size=None,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            worker_init_fn=_leave_stop_signals_to_the_trainer if self.num_workers else None,
+        """Start over from the dataset's state (just loaded)."""
+        self._stop()
+        self._streams = copy.deepcopy(self.dataset.state_dict()["streams"])
+        self._next_row = self.dataset.next_row
+
+
+_OPEN_LOADERS: weakref.WeakSet[TokenBatchLoader] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    """Stop the workers of loaders still referenced at exit. Registered after torch's and
+    multiprocessing's exit hooks, so it runs before them: theirs would skip the shutdown and then
+    wait for the (signal-ignoring) workers forever."""
+    for loader in list(_OPEN_LOADERS):
+        loader.close()
+
+
+def check_num_workers(num_workers: int, dataset: PackedRowsDataset) -> None:
+    """At most `MAX_NUM_WORKERS`, no more than the streams the rank owns (a worker owns whole streams),
+    and one for streamed (hub) data."""
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or not 0 <= num_workers <= MAX_NUM_WORKERS:
+        raise ValueError(f"num_workers must be an integer in [0, {MAX_NUM_WORKERS}], got {num_workers!r}")
+    if num_workers > 1 and dataset.source.streaming:
+        raise ValueError(
+            f"data.num_workers={num_workers} with streamed data: the datasets library splits a stream among "
+            "torch workers by itself, so streamed data is read by at most 1 worker; set data.num_workers=1, or "
+            "prepare the data (tools/prepare_data.py) or use local files to read with more"
         )
-        self._batches = None
+    owned = len(dataset.owned_streams)
+    if num_workers > owned:
+        raise ValueError(
+            f"data.num_workers={num_workers} is more than the {owned} streams this rank packs "
+            f"(data.num_streams={dataset.settings['num_streams']} over {dataset.dp_world_size} data-parallel ranks); "
+            "a worker packs whole streams: lower data.num_workers (or, for a new run, raise data.num_streams)"
+        )
+
+
+def _as_is(part):
+    return part
+
+
+def _state_copy(state: StreamState) -> dict:
+    """A stream's state as a dict that later packing does not change (the packer mutates `source` in place)."""
+    state = state.to_dict()
+    if state["source"] is not None:
+        state["source"] = copy.deepcopy(state["source"])
+    return state
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
@@ -304,16 +446,6 @@ def build_dataloader(
         seed=seed,
     )
     return TokenBatchLoader(dataset, num_workers=num_workers, pin_memory=pin_memory)
-
-
-def _dataset_state(loader_state: dict, num_workers: int) -> dict:
-    """The dataset's state inside a `StatefulDataLoader` state (torchdata 0.11 layout)."""
-    try:
-        if num_workers == 0:
-            return loader_state["dataset_state"]
-        return loader_state["_snapshot"]["_worker_snapshots"]["worker_0"]["dataset_state"]
-    except KeyError as err:
-        raise RuntimeError(f"unexpected StatefulDataLoader state layout (missing {err}); torchdata version?") from err
 
 
 def _check_positive_int(name: str, value) -> None:

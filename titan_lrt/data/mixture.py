@@ -41,13 +41,12 @@ def check_weights(weights: Mapping[str, float]) -> dict[str, float]:
 class Mixture:
     """Several opened sources (`RawSource`, `PreparedSplit`) with weights; opens `MixtureStream`s."""
 
-    streaming = False
-
     def __init__(self, sources: Mapping[str, object], weights: Mapping[str, float]):
         self.weights = check_weights(weights)
         if set(sources) != set(self.weights):
             raise ValueError(f"mixture sources {sorted(sources)} and weights {sorted(self.weights)} differ")
         self.sources = dict(sources)
+        self.streaming = any(source.streaming for source in self.sources.values())
         self.names = sorted(self.weights)
         total = sum(self.weights.values())
         self._cumulative = [sum(self.weights[n] for n in self.names[: i + 1]) / total for i in range(len(self.names))]

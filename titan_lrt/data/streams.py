@@ -197,6 +197,7 @@ class RawSource:
 
     def __init__(self, documents: Documents, tokenizer: TextEncoder):
         self.documents, self.tokenizer, self.name = documents, tokenizer, documents.name
+        self.streaming = documents.streaming
 
     def check_streams(self, num_streams: int) -> None:
         if not self.documents.streaming:
