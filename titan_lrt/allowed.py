@@ -4,7 +4,7 @@
     packing: str = setting("bos_aligned", choices=PACKING_MODES)
 
 `choices` is the tuple exported by the module that branches on the value; `ge`,
-`le`, `lt` bound a number. The config checks every value it sets with `problem`
+`gt`, `le`, `lt` bound a number. The config checks every value it sets with `problem`
 (and documents it with `allowed_text`); `ModelArgs` checks its own fields the
 same way. A leaf module: it imports nothing from titan_lrt.
 """
@@ -22,11 +22,12 @@ def setting(
     *,
     choices: tuple | None = None,
     ge: float | None = None,
+    gt: float | None = None,
     le: float | None = None,
     lt: float | None = None,
 ) -> Any:
     """A dataclass field with its default (the only one: builders take no defaults) and its allowed values."""
-    allowed = {"choices": choices, "ge": ge, "le": le, "lt": lt}
+    allowed = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
     return field(default=default, metadata={k: v for k, v in allowed.items() if v is not None})
 
 
@@ -36,12 +37,13 @@ def problem(value: Any, metadata) -> str | None:
     choices = metadata.get("choices")
     if choices is not None and value not in choices:
         return f"{suggest(str(value), [str(c) for c in choices])}; allowed: {', '.join(map(str, choices))}"
-    ge, le, lt = metadata.get("ge"), metadata.get("le"), metadata.get("lt")
-    if ge is None and le is None and lt is None:
+    ge, gt, le, lt = metadata.get("ge"), metadata.get("gt"), metadata.get("le"), metadata.get("lt")
+    if ge is None and gt is None and le is None and lt is None:
         return None
     if (
         math.isfinite(value)
         and (ge is None or value >= ge)
+        and (gt is None or value > gt)
         and (le is None or value <= le)
         and (lt is None or value < lt)
     ):
@@ -62,7 +64,7 @@ def allowed_text(metadata) -> str:
     """The allowed values of a field, for the config reference."""
     if "choices" in metadata:
         return f"One of {', '.join(map(str, metadata['choices']))}."
-    if any(k in metadata for k in ("ge", "le", "lt")):
+    if any(k in metadata for k in ("ge", "gt", "le", "lt")):
         return f"Must be {_range_text(metadata, False)}."
     return ""
 
@@ -73,9 +75,11 @@ def suggest(word: str, options) -> str:
 
 
 def _range_text(metadata, is_float: bool) -> str:
-    ge, le, lt = metadata.get("ge"), metadata.get("le"), metadata.get("lt")
-    if le is None and lt is None:
-        return ("a finite number " if is_float else "") + f">= {ge}"
-    if ge is None:
-        return f"<= {le}" if lt is None else f"< {lt}"
-    return f"in [{ge}, {le}]" if lt is None else f"in [{ge}, {lt})"
+    ge, gt, le, lt = metadata.get("ge"), metadata.get("gt"), metadata.get("le"), metadata.get("lt")
+    low = ("[", ">=", ge) if ge is not None else ("(", ">", gt) if gt is not None else None
+    high = ("]", "<=", le) if le is not None else (")", "<", lt) if lt is not None else None
+    if high is None:
+        return ("a finite number " if is_float else "") + f"{low[1]} {low[2]}"
+    if low is None:
+        return f"{high[1]} {high[2]}"
+    return f"in {low[0]}{low[2]}, {high[2]}{high[0]}"

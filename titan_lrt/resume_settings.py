@@ -34,7 +34,7 @@ FIXED_AT_RESUME = (
 """Keys (or section prefixes) that a resumed run cannot change: the saved model, optimizer
 and data-stream states only mean something under the values they were saved with."""
 
-APPLIED_ANYWAY = ("model.tokenizer_path",)
+APPLIED_ANYWAY = ("model.tokenizer_path", "lrt.warn_after_steps")  # files move; a warning changes no state
 
 
 def flat_settings(toml_text: str) -> dict[str, Any]:
