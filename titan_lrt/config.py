@@ -234,6 +234,12 @@ class Optimizer:
     muon_adjust_lr: str = setting("original", choices=MUON_ADJUST_LR)
     """How Muon scales its update by the matrix shape."""
 
+    lrt_lr_scale: float = setting(1.0, gt=0)
+    """Multiplies the learning rate of the LRT pathway's own parameters (feedback projections
+    and gammas; not the feedback gate rows, which share a matrix with the other gates) in
+    AdamW and Muon alike, under the same LR schedule: below 1 the pathway moves more slowly
+    than the backbone (a remedy for a pathway that traps a run early)."""
+
 
 @dataclass
 class LRScheduler:

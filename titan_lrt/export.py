@@ -80,7 +80,8 @@ class ModelFiles:
     source: str = ""
     """Where the weights came from (for people reading config.json)."""
     step: int | None = None
-    """Training step of a DCP checkpoint (None for exported models)."""
+    """Training step of the weights (a DCP checkpoint's, or the one an export recorded; None when
+    unknown). It sets the LRT warmup ramps (`Transformer.set_training_step`)."""
     run_config: Config | None = None
     """The run's resolved config, for a DCP checkpoint (seq_len, data, ... as trained)."""
 
@@ -98,6 +99,7 @@ class ModelFiles:
             model = Transformer(self.args)
         check_model_keys(self.source, _shapes(model.state_dict()), _shapes(self.state_dict))
         model.load_state_dict(self.state_dict, strict=True, assign=True)
+        model.training_step = self.step  # the LRT warmup ramps the weights were trained with
         model.init_buffers(torch.device(device))
         return model.to(device).eval()
 
@@ -109,6 +111,7 @@ class ModelFiles:
             "model_args": dataclasses.asdict(self.args),
             "bos_token": self.bos_token,
             "source": self.source,
+            "step": self.step,
         }
 
 
@@ -163,6 +166,7 @@ def read_exported(path: str | os.PathLike) -> ModelFiles:
         tokenizer_json=tokenizer_json,
         bos_token=config["bos_token"],
         source=str(path),
+        step=config.get("step"),  # exports before it was recorded: unknown
     )
 
 
@@ -302,7 +306,9 @@ def write_checkpoint(files: ModelFiles, folder: str | os.PathLike) -> Path:
     config = model_config(files.args, files.source)
     config.model.tokenizer_path = str(tokenizer_file.resolve())
     (folder / RUN_CONFIG).write_text(config.to_toml())
-    write_marker(folder, step=0, world_size=1)
+    # the step sets the LRT warmup ramps when the folder is read back (a run that starts
+    # from it with initial_load_path counts its own steps from 0)
+    write_marker(folder, step=files.step or 0, world_size=1)
     return folder
 
 

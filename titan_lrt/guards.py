@@ -1,5 +1,6 @@
 """The trainer's guards against a run that went wrong: non-finite parameters after an update,
-and loss spikes (divergence). Both stop the run with exit code 3 (`TrainingHalted`)."""
+and loss spikes (divergence), which stop the run with exit code 3 (`TrainingHalted`); and an
+LRT pathway that does nothing or harm, which only warns (`PathwayMonitor`)."""
 
 from __future__ import annotations
 
@@ -84,3 +85,52 @@ class LossSpikeGuard:
 
     def reset_flags(self) -> None:
         self.flagged, self.first_flagged = 0, None
+
+
+PATHWAY_MARGIN = 0.001
+"""The pathway warning's margin: the smoothed merged loss must lie at least this fraction of the
+smoothed pass-0 loss below it (0.1%, e.g. 0.003 nats at a loss of 3). A working pathway keeps
+the merged loss clearly below pass 0's; a pathway doing nothing leaves them equal up to noise."""
+
+PATHWAY_REARM_MARGIN = 2 * PATHWAY_MARGIN
+"""After a warning, the check re-arms only once the merged loss is this far below pass 0's:
+a gap hovering at the margin warns once, not at every other logged step."""
+
+PATHWAY_EMA_DECAY = 0.9
+"""Smoothing of the logged losses: an exponential average over about the last 10 logged steps."""
+
+
+class PathwayMonitor:
+    """The LRT early warning: fed the per-pass losses of each logged step, it flags a pathway
+    that does nothing or harm, i.e. a smoothed merged loss not below the smoothed pass-0 loss
+    by `PATHWAY_MARGIN` (relative), from `start_step` on. It warns once, and again only after
+    the gap recovered past `PATHWAY_REARM_MARGIN`."""
+
+    def __init__(self, start_step: int):
+        self.start_step = start_step
+        self.pass0, self.merged, self.weight = 0.0, 0.0, 0.0  # bias-corrected EMAs: value / weight
+        self.failing = False
+        """The check fails at the latest logged step (what lrt/pathway_warning logs)."""
+        self.warned = False
+
+    def observe(self, step: int, pass0: float, merged: float) -> str | None:
+        """Record a logged step's pass-0 and merged losses; the warning to print, once, or None."""
+        if not (math.isfinite(pass0) and math.isfinite(merged)):
+            return None
+        d = PATHWAY_EMA_DECAY
+        self.pass0, self.merged = d * self.pass0 + (1 - d) * pass0, d * self.merged + (1 - d) * merged
+        self.weight = d * self.weight + (1 - d)
+        smooth0, smooth_merged = self.pass0 / self.weight, self.merged / self.weight
+        gap = (smooth0 - smooth_merged) / abs(smooth0) if smooth0 else 0.0  # > 0: the pathway helps
+        self.failing = step >= self.start_step and gap < PATHWAY_MARGIN
+        if self.warned and gap >= PATHWAY_REARM_MARGIN:
+            self.warned = False
+        if not self.failing or self.warned:
+            return None
+        self.warned = True
+        return (
+            f"LRT pathway warning at step {step}: the merged loss {smooth_merged:.4f} is not below pass 0's "
+            f"{smooth0:.4f} by {PATHWAY_MARGIN:.1%} (smoothed), so the recurrent pathway does nothing or harm "
+            "and the run may be stuck where the baseline would not be. Try lrt.gamma_init = 0, "
+            "lrt.gamma_warmup_steps / lrt.gate_warmup_steps, or optimizer.lrt_lr_scale < 1."
+        )

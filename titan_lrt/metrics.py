@@ -14,11 +14,13 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
+
+from titan_lrt.optim import is_pathway
 
 if TYPE_CHECKING:
     from titan_lrt.model.schedule import StepResult
@@ -68,6 +70,8 @@ class StepStats:
     """The same in the published convention (`published_step_flops`)."""
     counts: list[float]
     """Scored targets of each pass over the global batch (the loss denominators)."""
+    grad_norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Gradient norms of parts of the model before clipping (`pathway_grad_norms`), on logged LRT steps."""
 
 
 class Rates(NamedTuple):
@@ -109,11 +113,15 @@ class ThroughputWindow:
 
 
 def lrt_statistics(model: Transformer, results: list[StepResult]) -> dict[str, float]:
-    """Mean gamma and mean gate values per pass (over layers and micro-batches)."""
+    """Mean, min and max of the gammas over layers, and mean gate values per pass (over layers
+    and micro-batches)."""
     out = {}
     gammas = [layer.gamma for layer in model.layers if layer.gamma is not None]
     if gammas:
-        out["lrt/gamma_mean"] = float(torch.stack([_local(g).detach().float().mean() for g in gammas]).mean())
+        values = torch.cat([_local(g).detach().float().flatten() for g in gammas])
+        out["lrt/gamma_mean"] = float(values.mean())
+        out["lrt/gamma_min"] = float(values.min())
+        out["lrt/gamma_max"] = float(values.max())
     for p in range(len(results[0].gate_means)):
         sums: dict[str, list[float]] = {}
         for r in results:
@@ -124,6 +132,22 @@ def lrt_statistics(model: Transformer, results: list[StepResult]) -> dict[str, f
                     sums.setdefault(name, []).append(value)
         for name, values in sums.items():
             out[f"lrt/gate_{name}_pass{p}"] = sum(values) / len(values)
+    return out
+
+
+@torch.no_grad()
+def pathway_grad_norms(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """L2 norms of the gradients of the LRT pathway's parameters (`titan_lrt.optim.is_pathway`) and
+    of all the others, as lrt/grad_norm_pathway and lrt/grad_norm_backbone (tensors: read them when
+    logging). Under FSDP every rank reduces the same parameters, so every rank must call it."""
+    parts: dict[str, list[torch.Tensor]] = {"pathway": [], "backbone": []}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            parts["pathway" if is_pathway(name) else "backbone"].append(p.grad)
+    out = {}
+    for part, grads in parts.items():
+        if grads:
+            out[f"lrt/grad_norm_{part}"] = _local(torch.nn.utils.get_total_norm(grads, 2.0))
     return out
 
 

@@ -5,7 +5,8 @@ Parameters are split by role into four groups -- "matrix", "embedding", "head",
 DTensors in place) and are only prefixed by torch.compile and activation
 checkpointing wrappers, which are stripped; identity or shape tricks would not
 survive sharding. Each group gets its own learning rate and weight decay, and
-with Muon the matrices get their own optimizer.
+with Muon the matrices get their own optimizer. The LRT pathway's parameters can
+get a learning rate of their own (`optimizer.lrt_lr_scale`, see `is_pathway`).
 
 Takes plain arguments so that the trainer's config sections map onto them one
 to one (`optimizer.*` -> `build_optimizers`, `lr_scheduler.*` ->
@@ -61,6 +62,13 @@ _RULES = (
 )
 _WRAPPERS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
 
+_PATHWAY = r"feedback\.proj\.weight|layers\.\d+\.gamma"
+"""The LRT pathway's own parameters: the feedback projections and the injection scalars gamma.
+The feedback gate rows are not among them: they share one matrix with the local (and
+value-embedding) gate rows, which an optimizer cannot give another learning rate."""
+PATHWAY_SUFFIX = "_pathway"
+"""Param groups of the pathway's parameters are named <group>_pathway (`optimizer.lrt_lr_scale`)."""
+
 
 def canonical_name(name: str) -> str:
     """The parameter's name in the bare `Transformer` (compile/AC wrapper segments removed)."""
@@ -78,6 +86,11 @@ def group_of(name: str) -> str:
             "add it to titan_lrt.optim._RULES"
         )
     return matches[0]
+
+
+def is_pathway(name: str) -> bool:
+    """Whether a parameter belongs to the LRT pathway (its canonical name matches `_PATHWAY`)."""
+    return re.fullmatch(_PATHWAY, canonical_name(name)) is not None
 
 
 def parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -197,6 +210,7 @@ def build_optimizers(
     muon_nesterov: bool,
     muon_ns_steps: int,
     muon_adjust_lr: str,
+    lrt_lr_scale: float,
 ) -> OptimizersContainer:
     """AdamW over all groups ("adamw"), or Muon for the matrices and AdamW for the rest ("muon").
 
@@ -215,6 +229,11 @@ def build_optimizers(
     `muon_adjust_lr` ("original": sqrt(max(1, rows/cols)); "match_rms_adamw":
     0.2 * sqrt(max(rows, cols))); `muon_momentum`, `muon_nesterov` and
     `muon_ns_steps` (Newton-Schulz iterations) as in Keller Jordan's Muon.
+
+    `lrt_lr_scale` != 1 moves the LRT pathway's parameters (`is_pathway`) into groups of their
+    own, "matrix_pathway" and "scalar_pathway", whose learning rate is their group's times
+    `lrt_lr_scale` (same weight decay, same optimizer; the LR schedule scales every group alike).
+    At 1 the groups are exactly those above.
     """
     # The values are checked where the config is loaded (titan_lrt.config: ranges and these tuples).
     muon = _MUON_TAKES_MATRICES[name.lower()]
@@ -225,21 +244,31 @@ def build_optimizers(
         scale = (dim / LR_REFERENCE_DIM) ** -0.5
     mults = {"matrix": 1.0, "embedding": embedding_lr_mult, "head": head_lr_mult, "scalar": scalar_lr_mult}
 
-    def group(g: str, lr: float) -> dict[str, Any]:
+    def group(g: str, lr: float) -> list[dict[str, Any]]:
+        """Group g's param group(s): its pathway parameters apart when they get another LR."""
         decay = weight_decay if g == "matrix" else 0.0
-        return {"name": g, "params": [p for _, p in groups[g]], "lr": lr, "weight_decay": decay}
+        split = lrt_lr_scale != 1.0
+        parts = {
+            g: [p for n, p in groups[g] if not (split and is_pathway(n))],
+            g + PATHWAY_SUFFIX: [p for n, p in groups[g] if split and is_pathway(n)],
+        }
+        return [
+            {"name": name, "params": params, "lr": lr * (lrt_lr_scale if name != g else 1.0), "weight_decay": decay}
+            for name, params in parts.items()
+            if params
+        ]
 
     adam_names = [g for g in GROUPS if groups[g] and not (muon and g == "matrix")]
     kernel = _ADAMW_KERNELS[implementation]
     optimizers: list[torch.optim.Optimizer] = [
         torch.optim.AdamW(
-            [group(g, lr * mults[g] * scale) for g in adam_names], betas=(beta1, beta2), eps=eps, **kernel
+            [pg for g in adam_names for pg in group(g, lr * mults[g] * scale)], betas=(beta1, beta2), eps=eps, **kernel
         )
     ]
     if muon:
         optimizers.append(
             torch.optim.Muon(
-                [group("matrix", muon_lr)],
+                group("matrix", muon_lr),
                 momentum=muon_momentum,
                 nesterov=muon_nesterov,
                 ns_steps=muon_ns_steps,

@@ -41,6 +41,7 @@ APPLIED_ANYWAY = (
     "lrt.start_step",
     "lrt.pass0_backward",
     "lrt.jacobi_mix",
+    "lrt.warn_after_steps",  # a warning changes no state
 )
 
 

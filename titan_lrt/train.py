@@ -34,6 +34,7 @@ from titan_lrt.guards import (
     LossSpikeError,
     LossSpikeGuard,
     NonFiniteError,
+    PathwayMonitor,
     TrainingHalted,
     nonfinite_count,
 )
@@ -47,6 +48,7 @@ from titan_lrt.metrics import (
     format_step_line,
     lrt_statistics,
     memory_stats,
+    pathway_grad_norms,
     setup_logging,
 )
 from titan_lrt.model.accounting import count_parameters, published_step_flops, run_flops, step_flops
@@ -131,6 +133,8 @@ class Trainer:
         self.skipped_in_a_row = 0
         self.spike_guard = LossSpikeGuard(t.spike_factor, t.spike_patience)
         self.rollbacks_in_a_row, self.last_spike_step = 0, 0
+        start = self.model_args.lrt.warning_start_step
+        self.pathway_monitor = PathwayMonitor(start) if start is not None else None
         self.checkpointer = ckpt.CheckpointManager(
             self.dump_folder / config.checkpoint.folder,
             {
@@ -274,6 +278,7 @@ class Trainer:
             self.batches = iter(self.train_loader)
             if not self.state.flops_seen:  # a checkpoint from before the FLOPs count: every step ran in full
                 self.state.flops_seen = {k: v * self.state.tokens_seen for k, v in self.flops.passes.items()}
+            self.model.set_training_step(self.state.step)  # the warmup ramps of the restored step
             if source is not None:
                 self._apply_optimizer_settings(fresh)
             logger.info(f"resumed from step {resumed}")
@@ -349,7 +354,7 @@ class Trainer:
                 stats = self.train_step()
                 window.add(stats.tokens, sum(stats.flops.values()), stats.published_flops)
                 step = self.state.step
-                if step % c.metrics.log_freq == 0 or step == c.training.steps:
+                if self._logs_at(step):
                     self._log_step(step, stats, window.rate())
                 if self._rolled_back_after_spike(step, float(stats.loss)):
                     continue
@@ -374,6 +379,7 @@ class Trainer:
     def train_step(self) -> StepStats:
         """One optimizer step over grad_accum micro-batches."""
         t = self.config.training
+        self.model.set_training_step(self.state.step)  # the warmup ramps of this step (LRTArgs.ramps)
         micro_batches = [
             tuple(x.to(self.device, non_blocking=True) for x in next(self.batches)) for _ in range(self.grad_accum)
         ]
@@ -399,6 +405,8 @@ class Trainer:
                 )
             results.append(result)
         loss = all_reduce_sum(torch.stack([r.loss.detach() for r in results]).sum())
+        logged = self.model_args.lrt.enabled and self._logs_at(self.state.step + 1)
+        grad_norms = pathway_grad_norms(self.model) if logged else {}  # before clipping scales them
         grad_norm = clip_grad_norm_(self.model.parameters(), t.max_norm)
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         if finite:
@@ -417,6 +425,7 @@ class Trainer:
         self.state.tokens_seen += tokens
         for name, amount in flops.items():
             self.state.flops_seen[name] = self.state.flops_seen.get(name, 0.0) + amount
+        self.model.set_training_step(self.state.step)  # what evaluation and checkpoints of these weights use
         return StepStats(
             results=results,
             loss=loss,
@@ -425,7 +434,12 @@ class Trainer:
             flops=flops,
             published_flops=tokens * published_step_flops(self.model_args, t.seq_len, passes),
             counts=counts,
+            grad_norms=grad_norms,
         )
+
+    def _logs_at(self, step: int) -> bool:
+        """Whether the step that ends with `step` optimizer steps done is logged."""
+        return step % self.config.metrics.log_freq == 0 or step == self.config.training.steps
 
     def _global_target_counts(self, micro_batches, passes: int) -> list[float]:
         """Scored targets of each pass over the whole global batch (all micro-batches, all ranks;
@@ -554,6 +568,11 @@ class Trainer:
         if n_passes > 1:
             scalars["loss/merged_minus_pass0"] = merged - scalars["loss/pass0"]
         scalars.update(lrt_statistics(self.model, results))
+        scalars.update({k: float(v) for k, v in stats.grad_norms.items()})
+        lrt = self.model_args.lrt
+        if lrt.gamma_warmup_steps or lrt.gate_warmup_steps:
+            scalars["lrt/gamma_ramp"], scalars["lrt/gate_ramp"] = lrt.ramps(step - 1)  # this step's
+        warning = self._check_pathway(step, scalars)
         scalars["throughput/tokens_per_s"] = rates.tokens
         scalars["throughput/tokens_seen"] = self.state.tokens_seen
         scalars.update(self._flops_scalars(stats))
@@ -572,6 +591,16 @@ class Trainer:
         scalars.update(self._tokens_by_source())
         line = format_step_line(step, scalars) + _tokens_by_source_text(scalars)
         self.metrics.log(step, scalars, line if self.dist.is_main else None)
+        if warning and self.dist.is_main:
+            logger.warning(warning)
+
+    def _check_pathway(self, step: int, scalars: dict[str, float]) -> str | None:
+        """The LRT early warning (`PathwayMonitor`): sets lrt/pathway_warning; the line to print, once."""
+        if self.pathway_monitor is None or "loss/merged_minus_pass0" not in scalars:  # pass 0 ran alone
+            return None
+        warning = self.pathway_monitor.observe(step, scalars["loss/pass0"], scalars["loss/merged"])
+        scalars["lrt/pathway_warning"] = float(self.pathway_monitor.failing)
+        return warning
 
     def _flops_scalars(self, stats: StepStats) -> dict[str, float]:
         """Training FLOPs of what ran: this step's and the run's so far, in total and per pass."""
@@ -601,6 +630,7 @@ class Trainer:
 
     def _evaluate_source(self, source: str | None, prefix: str) -> dict[str, float]:
         e = self.config.eval
+        self.model.set_training_step(self.state.step)  # the warmup ramps of the weights evaluated
         loader = self._loader(split=e.split, eval_mode=True, source=source)
         batches = (tuple(x.to(self.device) for x in b) for _, b in zip(range(e.steps), loader))
         self.model.eval()

@@ -11,6 +11,7 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
+from typing import Optional
 
 from titan_lrt import allowed
 from titan_lrt.allowed import setting
@@ -95,6 +96,21 @@ class LRTArgs:
     optimizer step from the seed (empty: always jacobi_passes). Expected cost per step:
     sum_K p_K K baseline steps."""
 
+    gamma_warmup_steps: int = setting(0, ge=0)
+    """Ramp the residual injection in: gamma_l * m_t enters as r * gamma_l * m_t with
+    r = min(1, step / N) after `step` optimizer steps (0: off, r = 1). Training,
+    evaluation, decoding and export all use the r of the model's step, so a run whose
+    pathway disrupts the residual stream early can start from the plain backbone."""
+
+    gate_warmup_steps: int = setting(0, ge=0)
+    """The same ramp r = min(1, step / N) on the K/V feedback: W_K m_t and W_V m_t enter the
+    keys and values (through the feedback gates) as r * W_K m_t and r * W_V m_t (0: off)."""
+
+    warn_after_steps: int = setting(200, ge=0)
+    """Early warning (console and TensorBoard lrt/pathway_warning): from this step on (or from
+    the end of the warmups above, if later), warn once when the smoothed merged loss is not
+    below pass 0's, i.e. the pathway does nothing or harm (0: off). See titan_lrt.guards."""
+
     @property
     def enabled(self) -> bool:
         return self.mode != "off"
@@ -137,6 +153,19 @@ class LRTArgs:
     def refreshes_kv(self) -> bool:
         """Whether a step re-projects buffered K/V before subset passes (interleaved, kv_refresh, kv_feedback)."""
         return self.mode == "interleaved" and self.kv_refresh and self.kv_feedback
+
+    def ramps(self, step: Optional[int]) -> tuple[float, float]:
+        """(gamma ramp, feedback ramp) of a model after `step` optimizer steps (see
+        gamma_warmup_steps, gate_warmup_steps); None (step unknown) means fully on."""
+        return warmup_ramp(step, self.gamma_warmup_steps), warmup_ramp(step, self.gate_warmup_steps)
+
+    @property
+    def warning_start_step(self) -> Optional[int]:
+        """First step the pathway warning checks (None: no check): warn_after_steps after start_step,
+        or the end of the ramps when later (a pathway still ramping in is expected to help less)."""
+        if not self.enabled or self.warn_after_steps == 0:
+            return None
+        return max(self.start_step + self.warn_after_steps, self.gamma_warmup_steps, self.gate_warmup_steps)
 
     def describe(self) -> str:
         """The schedule in a few words: "off", "interleaved S=4" or "jacobi K=2" and its options."""
@@ -341,6 +370,14 @@ class ModelArgs:
                 "lrt: residual_injection and kv_feedback are both off, so the memory has no way in",
             )
             parse_layer_set(lrt.inject_layers, self.n_layers)
+
+
+def warmup_ramp(step: Optional[int], steps: int) -> float:
+    """r = min(1, step / steps): the one formula of the pathway's warmups (1 when steps = 0 or
+    the step is unknown)."""
+    if steps == 0 or step is None:
+        return 1.0
+    return min(1.0, step / steps)
 
 
 def parse_layer_set(spec: str, n_layers: int) -> list[int]:

@@ -61,11 +61,13 @@ Keys = Union[None, SubsetKeys, CacheKeys, KeyExchange]
 
 
 class Memory(NamedTuple):
-    """The memory m_t at the block's positions and its feedback K/V for this layer."""
+    """The memory m_t at the block's positions, its feedback K/V for this layer, and the
+    0-dim ramp r of the residual injection (gamma enters as r * gamma, lrt.gamma_warmup_steps)."""
 
     states: Tensor
     k_fb: Optional[Tensor]
     v_fb: Optional[Tensor]
+    gamma_ramp: Tensor
 
 
 class LayerKV(NamedTuple):
@@ -194,7 +196,7 @@ class Block(nn.Module):
     ) -> BlockOutput:
         x = self.resid_scale * x + self.x0_scale * x0
         if memory is not None and self.gamma is not None:
-            x = x + self.gamma * memory.states
+            x = x + (self.gamma * memory.gamma_ramp) * memory.states
         y, kv, gate_means = self.attention(rms_norm(x), tokens, cos, sin, memory, keys)
         x = x + y
         x = x + self.mlp(rms_norm(x))

@@ -61,11 +61,18 @@ class FeedbackProjection(nn.Module):
         self.n_kv_heads, self.head_dim, self.dim = args.kv_heads, args.head_dim, args.dim
         n_pairs = 1 if self.shared else len(self.layers)
         self.proj = nn.Linear(args.dim, n_pairs * 2 * args.kv_dim, bias=False)
+        # lrt.gate_warmup_steps: r * W m, r a 0-dim tensor that the owner sets (a Python float
+        # would be a constant to torch.compile: a recompile per value)
+        self.ramped = args.lrt.gate_warmup_steps > 0
+        self.register_buffer("ramp", torch.ones(()), persistent=False)
 
     def forward(self, memory: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
         """memory (B, n, dim) -> {layer: (k_fb, v_fb)} with shapes (B, n, Hkv, D)."""
         B, n, _ = memory.shape
-        kv = self.proj(memory).view(B, n, -1, 2, self.n_kv_heads, self.head_dim)
+        kv = self.proj(memory)
+        if self.ramped:
+            kv = kv * self.ramp
+        kv = kv.view(B, n, -1, 2, self.n_kv_heads, self.head_dim)
         if self.shared:
             pair = (kv[:, :, 0, 0], kv[:, :, 0, 1])
             return {layer: pair for layer in self.layers}
@@ -118,14 +125,36 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(args.max_seq_len, args.head_dim, args.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("gamma_ramp", torch.ones(()), persistent=False)
+        self.training_step: Optional[int] = 0
+        """Optimizer steps the weights have seen, which set the warmup ramps (`set_training_step`)."""
+        self.set_training_step(0)
 
     @torch.no_grad()
     def init_buffers(self, device: Optional[torch.device] = None) -> None:
-        """Compute the RoPE tables (not saved in checkpoints)."""
+        """Compute the RoPE tables and the warmup ramps of `training_step` (not saved in checkpoints)."""
         device = device or self.rope_cos.device
         self.rope_cos, self.rope_sin = rope_tables(
             self.args.max_seq_len, self.args.head_dim, self.args.rope_base, device
         )
+        self.gamma_ramp = torch.ones((), dtype=self.gamma_ramp.dtype, device=device)
+        if self.feedback is not None:
+            self.feedback.ramp = torch.ones((), dtype=self.feedback.ramp.dtype, device=device)
+        self.set_training_step(self.training_step)
+
+    @torch.no_grad()
+    def set_training_step(self, step: Optional[int]) -> None:
+        """Set the pathway's warmup ramps (`LRTArgs.ramps`) to those of weights after `step`
+        optimizer steps (None: unknown, fully on). The trainer calls it before every step and
+        evaluation; loading a checkpoint or an export sets its step. In place: compiled code
+        reads the new values without recompiling."""
+        self.training_step = step
+        if self.rope_cos.is_meta:  # built on the meta device: init_buffers sets them
+            return
+        gamma, feedback = self.args.lrt.ramps(step)
+        self.gamma_ramp.fill_(gamma)
+        if self.feedback is not None:
+            self.feedback.ramp.fill_(feedback)
 
     @torch.no_grad()
     def init_weights(self, buffer_device: Optional[torch.device] = None) -> None:
@@ -168,7 +197,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             layer_memory = None
             if memory is not None and i in self.injected:
-                layer_memory = Memory(memory, *feedback.get(i, (None, None)))
+                layer_memory = Memory(memory, *feedback.get(i, (None, None)), self.gamma_ramp)
             out = layer(x, x0, tokens, cos, sin, layer_memory, None if keys is None else keys[i])
             x = out.x
             kvs.append(out.kv)
