@@ -379,3 +379,27 @@ def test_compiled_feedback_projection_matches_eager_and_does_not_recompile(monke
             graphs = counters["stats"]["unique_graphs"]
             assert graphs >= 2  # subsets of 11 and 10 positions
     assert counters["stats"]["unique_graphs"] == graphs, "recompiled after the first step"
+
+
+def test_cuda_graph_decoding_is_opt_in_for_cuda_and_falls_back_to_the_compiled_step_elsewhere():
+    """CUDA graphs ("reduce-overhead") only when asked for on CUDA with inductor; on CPU the
+    plain compiled step of the baseline model (the same step function as the LRT's) gives the
+    eager tokens. The CUDA-graph wrapper's bookkeeping (static caches, outputs copied out of
+    the graph's pool) runs here around the eager step; the replay itself needs a GPU."""
+    from titan_lrt.model import decoding
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert decoding.decode_compile_options(cuda, "inductor", True) == {"mode": "reduce-overhead"}
+    assert decoding.decode_compile_options(cuda, "inductor", False) == {}
+    assert decoding.decode_compile_options(cpu, "inductor", True) == {}
+    with pytest.raises(ValueError, match="needs the inductor backend"):
+        decoding.decode_compile_options(cuda, "aot_eager", True)
+
+    args = _args(lrt={"mode": "off"})
+    eager, compiled, graphed = _model(args), _model(args), _model(args)
+    decoding.compile_decode_step(compiled, backend="aot_eager", cuda_graphs=True)
+    decoding._COMPILED_STEPS[graphed] = decoding._graphed(decoding._step)
+    prompts = [[1, 5, 9, 2], [1, 7]]
+    runs = [decoding.generate_tokens(m, prompts, 6, temperature=0.0) for m in (eager, compiled, graphed)]
+    assert runs[0] == runs[1] == runs[2]
+    assert decoding._COMPILED_STEPS[compiled] is not decoding._step

@@ -138,12 +138,13 @@ class Attention(nn.Module):
                 g_loc, g_fb = g["local"].unsqueeze(-1), g["feedback"]
                 k, v = g_loc * k, g_loc * v
                 if memory is not None:  # zero memory (pass 0) contributes nothing: skip it
-                    k = k + g_fb.unsqueeze(-1) * memory.k_fb
-                    v = v + g_fb.unsqueeze(-1) * memory.v_fb
+                    # one multiply-add each (an eager decode step is bound by its op count)
+                    gate = g_fb.unsqueeze(-1)
+                    k, v = torch.addcmul(k, gate, memory.k_fb), torch.addcmul(v, gate, memory.v_fb)
             if "value_embed" in g:
                 # the table is fp32 (autocast leaves lookups alone): keep v in the compute dtype
                 ve = self.value_embed(tokens).view(B, n, self.n_kv_heads, self.head_dim).to(v.dtype)
-                v = v + g["value_embed"].unsqueeze(-1) * ve
+                v = torch.addcmul(v, g["value_embed"].unsqueeze(-1), ve)
         k_pre = k
 
         q = rope_then_norm(q, cos, sin).transpose(1, 2)
@@ -218,7 +219,7 @@ class Block(nn.Module):
         `titan_lrt.model.attention.BlockMasks`); None where the pass takes no FlexAttention."""
         x = self.resid_scale * x + self.x0_scale * x0
         if memory is not None and self.gamma is not None:
-            x = x + self.gamma * memory.states
+            x = torch.addcmul(x, self.gamma, memory.states)
         y, kv, gate_means = self.attention(rms_norm(x), tokens, cos, sin, memory, keys, block_mask)
         x = x + y
         x = x + self.mlp(rms_norm(x))
