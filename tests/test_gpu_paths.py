@@ -1,12 +1,17 @@
 """The GPU code paths, tested on CPU where a CPU test can exist: compute dtypes under
 bf16 autocast, the log-sum-exp merge of attention blocks, float8 on ragged row
-counts, compiled training/evaluation/decoding, and the FLOP conventions of MFU.
+counts, compiled training/evaluation/decoding, FlexAttention block masks built once
+per shape outside the compiled blocks (forward only), selective checkpointing saving
+FlexAttention, the feedback projection compiled by inductor, the CPU fallback of
+CUDA-graph decoding, and the FLOP conventions of MFU.
 
 Not testable here (no GPU in CI): the CUDA attention kernels' own log-sum-exp
 (`_scaled_dot_product_flash_attention` / `_efficient_attention`), FlexAttention's
-compiled backward, real float8 `_scaled_mm`, and CUDA-graph replay of the decode
-step; tools/bench_gpu.sh exercises them on a GPU machine.
-"""
+compiled kernels and backward (and the recompute-free backward under selective
+checkpointing), real float8 `_scaled_mm` and its fusion with the compiled feedback
+projection, CUDA-graph replay of the decode step (`compile_decode_step(...,
+cuda_graphs=True)`: static caches, copied outputs) and the decode ratio on a GPU;
+tools/bench_gpu.sh exercises them on a GPU machine."""
 
 import pytest
 import torch
