@@ -320,6 +320,16 @@ def test_flex_block_masks_are_built_once_per_shape_outside_the_compiled_blocks(m
     assert counters["stats"]["unique_graphs"] == graphs, "recompiled in the second step"
     assert builds[0] == flex.block_masks.built == 2  # subset passes 0 and 1; pass 0 is plain causal SDPA
 
+    # Attention asked for a FlexAttention mask inside a compiled graph refuses to build one.
+    from titan_lrt.model.attention import subset_attention
+
+    q, groups = torch.randn(1, 2, 4, 8), [torch.randn(1, 2, 4, 8) for _ in range(2)]
+    attend = torch.compile(
+        lambda q, k: subset_attention(q, k, k, 0, backend="flex"), backend="aot_eager", fullgraph=True
+    )
+    with pytest.raises(Exception, match="built outside"):
+        attend(q, groups)
+
     # Many layers, eager: still one mask per (pass kind, window), not per layer or step.
     builds[0] = 0
     deep = _model(_args(n_layers=4, window_pattern="SSSL", short_window=8, attention_backend="flex"))

@@ -18,7 +18,8 @@ partial softmaxes by their log-sum-exp costs, over the S passes, exactly one
 causal attention, never touches masked-out key blocks, and needs no copy of the
 buffer. The kernel is a `BlockKernel`: the CPU flash kernel, or CUDA's flash
 kernel in bf16/fp16. On CUDA nothing materialises score matrices: sliding
-windows and other dtypes go to FlexAttention.
+windows and other dtypes go to FlexAttention, whose block masks the model builds
+once per shape outside the compiled blocks (`BlockMasks`, `uses_flex`) and hands in.
 
 Under context parallelism (`context_attention`) a rank's queries are runs of
 global positions (a head and a tail chunk of the sequence, strided by S in a
