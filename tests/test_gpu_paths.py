@@ -1,12 +1,17 @@
 """The GPU code paths, tested on CPU where a CPU test can exist: compute dtypes under
 bf16 autocast, the log-sum-exp merge of attention blocks, float8 on ragged row
-counts, compiled training/evaluation/decoding, and the FLOP conventions of MFU.
+counts, compiled training/evaluation/decoding, FlexAttention block masks built once
+per shape outside the compiled blocks (forward only), selective checkpointing saving
+FlexAttention, the feedback projection compiled by inductor, the CPU fallback of
+CUDA-graph decoding, and the FLOP conventions of MFU.
 
 Not testable here (no GPU in CI): the CUDA attention kernels' own log-sum-exp
 (`_scaled_dot_product_flash_attention` / `_efficient_attention`), FlexAttention's
-compiled backward, real float8 `_scaled_mm`, and CUDA-graph replay of the decode
-step; tools/bench_gpu.sh exercises them on a GPU machine.
-"""
+compiled kernels and backward (and the recompute-free backward under selective
+checkpointing), real float8 `_scaled_mm` and its fusion with the compiled feedback
+projection, CUDA-graph replay of the decode step (`compile_decode_step(...,
+cuda_graphs=True)`: static caches, copied outputs) and the decode ratio on a GPU;
+tools/bench_gpu.sh exercises them on a GPU machine."""
 
 import pytest
 import torch
@@ -275,3 +280,141 @@ def test_compiled_decode_step_gives_the_eager_tokens_and_logits():
     assert torch.equal(st_c.lengths, st_e.lengths)
     for k_c, k_e in zip(st_c.keys, st_e.keys):
         torch.testing.assert_close(k_c, k_e, rtol=1e-4, atol=1e-4)
+
+
+def _count_mask_builds(monkeypatch) -> list[int]:
+    import torch.nn.attention.flex_attention as flex_attention
+
+    builds, create = [0], flex_attention.create_block_mask
+
+    def counted(*args, **kwargs):
+        builds[0] += 1
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(flex_attention, "create_block_mask", counted)
+    return builds
+
+
+def test_flex_block_masks_are_built_once_per_shape_outside_the_compiled_blocks(monkeypatch):
+    """FlexAttention (CUDA's subset and window attention; forward only on CPU): the
+    model builds each mask shape once and hands it to the compiled blocks, which would
+    refuse to build one inside their graph. Logits equal the SDPA path's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from titan_lrt.parallel.compile import apply_compile
+
+    builds = _count_mask_builds(monkeypatch)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)  # other tests' block graphs share the code
+    args = _args(n_layers=1, attention_backend="flex")
+    flex, sdpa = _model(args), _model(args.replace(attention_backend="sdpa"))
+    apply_compile(flex, backend="aot_eager")
+    tokens = _tokens()
+    counters.clear()
+    with torch.no_grad():
+        for step in range(2):
+            got, want = run_schedule(flex, tokens), run_schedule(sdpa, tokens)
+            torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+            if step == 0:
+                graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs, "recompiled in the second step"
+    assert builds[0] == flex.block_masks.built == 2  # subset passes 0 and 1; pass 0 is plain causal SDPA
+
+    # Attention asked for a FlexAttention mask inside a compiled graph refuses to build one.
+    from titan_lrt.model.attention import subset_attention
+
+    q, groups = torch.randn(1, 2, 4, 8), [torch.randn(1, 2, 4, 8) for _ in range(2)]
+    attend = torch.compile(
+        lambda q, k: subset_attention(q, k, k, 0, backend="flex"), backend="aot_eager", fullgraph=True
+    )
+    with pytest.raises(Exception, match="built outside"):
+        attend(q, groups)
+
+    # Many layers, eager: still one mask per (pass kind, window), not per layer or step.
+    builds[0] = 0
+    deep = _model(_args(n_layers=4, window_pattern="SSSL", short_window=8, attention_backend="flex"))
+    with torch.no_grad():
+        for _ in range(2):
+            run_schedule(deep, tokens)
+    # pass 0 with window 8; subset passes 0 and 1 with windows 8 and 0 (full-length pass 0: SDPA)
+    assert builds[0] == deep.block_masks.built == 5
+
+
+def test_selective_checkpointing_saves_flex_attention(monkeypatch):
+    """The "op" policy sees FlexAttention's higher-order op inside a checkpointed block
+    and saves its output (forward only: FlexAttention has no CPU backward, so the
+    device check that refuses inputs requiring gradients is lifted for the forward)."""
+    import torch.nn.attention.flex_attention as flex_attention
+
+    from titan_lrt.parallel import activation_checkpoint
+
+    decisions = {}
+    policy = activation_checkpoint._save_matmuls
+
+    def spy(ctx, op, *args, **kwargs):
+        decisions[op] = policy(ctx, op, *args, **kwargs)
+        return decisions[op]
+
+    monkeypatch.setattr(activation_checkpoint, "_save_matmuls", spy)
+    monkeypatch.setattr(flex_attention, "_validate_device", lambda *args: None)
+    model = _model(_args(n_layers=1, value_embeds="none", attention_backend="flex"))
+    activation_checkpoint.apply_activation_checkpointing(model, mode="selective", selective_option="op")
+    run_schedule(model, _tokens(), _tokens(seed=2))
+    save = activation_checkpoint.CheckpointPolicy.MUST_SAVE
+    assert decisions[torch.ops.higher_order.flex_attention] == save
+    assert decisions[torch.ops.aten.mm.default] == save
+    assert activation_checkpoint.CheckpointPolicy.PREFER_RECOMPUTE in decisions.values()  # element-wise work
+
+
+def test_compiled_feedback_projection_matches_eager_and_does_not_recompile(monkeypatch):
+    """Inductor (the backend whose alias replay crashed on the projection's views): a
+    layerwise projection with K/V refresh over ragged subsets (11, 11, 10 positions)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from titan_lrt.parallel.compile import compile_feedback
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
+    args = _args(lrt={"mode": "interleaved", "num_subsets": 3, "projection": "layerwise", "kv_refresh": True})
+    eager, compiled = _model(args), _model(args)
+    compile_feedback(compiled, "inductor")
+    tokens, targets = _tokens(T=32), _tokens(T=32, seed=2)
+    counters.clear()
+    for step in range(3):
+        runs = []
+        for model in (compiled, eager):
+            model.zero_grad(set_to_none=True)
+            loss = run_schedule(model, tokens, targets, backward=lambda loss, last: loss.backward()).loss
+            runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+        (loss_c, grads_c), (loss_e, grads_e) = runs
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6)
+        for name, grad in grads_e.items():
+            torch.testing.assert_close(grads_c[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+        if step == 0:
+            graphs = counters["stats"]["unique_graphs"]
+            assert graphs >= 2  # subsets of 11 and 10 positions
+    assert counters["stats"]["unique_graphs"] == graphs, "recompiled after the first step"
+
+
+def test_cuda_graph_decoding_is_opt_in_for_cuda_and_falls_back_to_the_compiled_step_elsewhere():
+    """CUDA graphs ("reduce-overhead") only when asked for on CUDA with inductor; on CPU the
+    plain compiled step of the baseline model (the same step function as the LRT's) gives the
+    eager tokens. The CUDA-graph wrapper's bookkeeping (static caches, outputs copied out of
+    the graph's pool) runs here around the eager step; the replay itself needs a GPU."""
+    from titan_lrt.model import decoding
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert decoding.decode_compile_options(cuda, "inductor", True) == {"mode": "reduce-overhead"}
+    assert decoding.decode_compile_options(cuda, "inductor", False) == {}
+    assert decoding.decode_compile_options(cpu, "inductor", True) == {}
+    with pytest.raises(ValueError, match="needs the inductor backend"):
+        decoding.decode_compile_options(cuda, "aot_eager", True)
+
+    args = _args(lrt={"mode": "off"})
+    eager, compiled, graphed = _model(args), _model(args), _model(args)
+    decoding.compile_decode_step(compiled, backend="aot_eager", cuda_graphs=True)
+    decoding._COMPILED_STEPS[graphed] = decoding._graphed(decoding._step)
+    prompts = [[1, 5, 9, 2], [1, 7]]
+    runs = [decoding.generate_tokens(m, prompts, 6, temperature=0.0) for m in (eager, compiled, graphed)]
+    assert runs[0] == runs[1] == runs[2]
+    assert decoding._COMPILED_STEPS[compiled] is not decoding._step

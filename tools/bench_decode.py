@@ -4,6 +4,8 @@
     python tools/bench_decode.py --dims 128 --batch 1 --rounds 40 --threads 1
     python tools/bench_decode.py --config train_configs/lrt_d12.toml --dims 0 --vocab 32768 --device cuda
     python tools/bench_decode.py --config train_configs/lrt_d12.toml --dims 0 --vocab 32768 --dtype bf16 --compile
+    python tools/bench_decode.py --config train_configs/lrt_d12.toml --dims 0 --vocab 32768 --dtype bf16 --compile \
+        --cuda-graphs
 
 Both models have the backbone of --config (default: train_configs/debug_model.toml:
 4 layers, dim 128, 2 heads), resized by each of --dims (0: the config's own
@@ -75,11 +77,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: %(default)s")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and cache (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="compile each model's whole decode step (warm-up compiles)")
+    p.add_argument(
+        "--cuda-graphs", action="store_true", help="with --compile on CUDA: replay each step as a CUDA graph"
+    )
     p.add_argument("--json", help="also write the rows as JSON to this file")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
+    if a.cuda_graphs and not (a.compile and device.type == "cuda"):
+        p.error("--cuda-graphs needs --compile and --device cuda")
     torch._dynamo.config.recompile_limit = 64  # every model and batch size is a graph of the one step function
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     try:
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         for model in models.values():
             model.to(DTYPES[a.dtype]).init_buffers()  # RoPE tables stay fp32
             if a.compile:
-                compile_decode_step(model)
+                compile_decode_step(model, cuda_graphs=a.cuda_graphs)
         g = torch.Generator().manual_seed(batch)
         prompts = [[0] + torch.randint(1, a.vocab, (a.prompt_len - 1,), generator=g).tolist() for _ in range(batch)]
         times = {name: [] for name in models}
@@ -118,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"decode benchmark: {a.config} (LRT: {lrt.projection} projection, inject {lrt.inject_layers}, "
         f"value_embeds {base_args.value_embeds}), vocab {a.vocab}, prompt {a.prompt_len}, {a.new_tokens} new tokens, "
-        f"{a.dtype}{', compiled step' if a.compile else ''}, {device.type}, {torch.get_num_threads()} threads, "
+        f"{a.dtype}{', compiled step' if a.compile else ''}{', CUDA graphs' if a.cuda_graphs else ''}, "
+        f"{device.type}, {torch.get_num_threads()} threads, "
         f"median of {a.rounds} alternating rounds"
     )
     print(f"{'dim':>5}{'layers':>7}{'heads':>6}{'batch':>6}{'baseline tok/s':>16}{'LRT tok/s':>12}{'LRT/baseline':>14}")

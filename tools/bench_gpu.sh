@@ -5,7 +5,8 @@
 #     FLOPs executed, causal attention as half; published: nanochat's and torchtitan's
 #     6N + 12 L H Q T) and peak memory. Each depth is one process in which the
 #     variants alternate, so their ratios are measured side by side.
-#   decoding: baseline and LRT at depth 12, bf16, compiled decode step, batch 1 and 8.
+#   decoding: baseline and LRT at depth 12, bf16, compiled decode step, batch 1 and 8 (then, after the
+#     table, the same with CUDA graphs: decode_cuda_graphs.txt).
 #
 #   tools/bench_gpu.sh [out_dir]          # on the GPU machine
 #   DRY_RUN=1 tools/bench_gpu.sh [out]    # on CPU: tiny sizes, eager, emulated float8 (checks the plumbing)
@@ -54,3 +55,10 @@ for r in json.loads((out / "decode.json").read_text()):
     print(f"{'depth 12':<15}{r['batch']:>6}{r['baseline_tokens_per_s']:>16,.1f}{r['lrt_tokens_per_s']:>11,.1f}"
           f"{r['lrt_tokens_per_s'] / r['baseline_tokens_per_s']:>9.3f}")
 PY
+
+if [[ "${DRY_RUN:-0}" != 1 ]]; then
+    # CUDA-graph decoding (opt-in in the library): after the table, so that a failure here costs nothing above
+    # shellcheck disable=SC2086
+    python tools/bench_decode.py --device "$DEVICE" --dtype bf16 --batch 1 8 $DECODE --cuda-graphs \
+        | tee "$OUT/decode_cuda_graphs.txt" || echo "CUDA-graph decoding failed (see above)"
+fi

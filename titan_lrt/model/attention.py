@@ -18,7 +18,8 @@ partial softmaxes by their log-sum-exp costs, over the S passes, exactly one
 causal attention, never touches masked-out key blocks, and needs no copy of the
 buffer. The kernel is a `BlockKernel`: the CPU flash kernel, or CUDA's flash
 kernel in bf16/fp16. On CUDA nothing materialises score matrices: sliding
-windows and other dtypes go to FlexAttention.
+windows and other dtypes go to FlexAttention, whose block masks the model builds
+once per shape outside the compiled blocks (`BlockMasks`, `uses_flex`) and hands in.
 
 Under context parallelism (`context_attention`) a rank's queries are runs of
 global positions (a head and a tail chunk of the sequence, strided by S in a
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +39,17 @@ from torch import Tensor
 
 from titan_lrt.model.args import ATTENTION_BACKENDS
 
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0, backend: str = "auto") -> Tensor:
+
+def causal_attention(
+    q: Tensor, k: Tensor, v: Tensor, window: int = 0, backend: str = "auto", block_mask: Optional[BlockMask] = None
+) -> Tensor:
     """Full causal self-attention (optionally with a sliding window)."""
-    if window > 0 and _use_flex(backend, q):
+    if uses_flex("causal", backend, window, q.device, q.dtype):
         n = q.size(2)
-        mask = _block_mask("causal", n, n, 1, 0, window, q.device)
+        mask = _given_or_built(block_mask, ("causal", n, window), q.device)
         return _flex(q, k.to(q.dtype), v.to(q.dtype), mask)
     k, v = _expand_kv(k.to(q.dtype), v.to(q.dtype), q.size(1))
     if window <= 0:
@@ -53,7 +59,13 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0, backend: 
 
 
 def subset_attention(
-    q: Tensor, keys: list[Tensor], values: list[Tensor], index: int, window: int = 0, backend: str = "auto"
+    q: Tensor,
+    keys: list[Tensor],
+    values: list[Tensor],
+    index: int,
+    window: int = 0,
+    backend: str = "auto",
+    block_mask: Optional[BlockMask] = None,
 ) -> Tensor:
     """Queries of group `index` attend to the key groups 0..S-1 of the buffer.
 
@@ -62,9 +74,9 @@ def subset_attention(
     """
     S = len(keys)
     n = q.size(2)
-    if _use_flex(backend, q) or (q.is_cuda and (window > 0 or block_kernel(q) is None)):  # never scores on CUDA
+    if uses_flex("subset", backend, window, q.device, q.dtype):
         T = sum(k.size(2) for k in keys)
-        mask = _block_mask("subset", n, T, S, index, window, q.device)
+        mask = _given_or_built(block_mask, ("subset", n, T, S, index, window), q.device)
         return _flex(q, torch.cat(keys, dim=2).to(q.dtype), torch.cat(values, dim=2).to(q.dtype), mask)
     k_blocks, v_blocks, shifts, groups = [], [], [], []
     for j in range(S):
@@ -83,7 +95,13 @@ def subset_attention(
 
 
 def context_attention(
-    q: Tensor, k: Tensor, v: Tensor, runs: tuple[tuple[int, int, int], ...], window: int = 0, backend: str = "auto"
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    runs: tuple[tuple[int, int, int], ...],
+    window: int = 0,
+    backend: str = "auto",
+    block_mask: Optional[BlockMask] = None,
 ) -> Tensor:
     """Queries at global positions attend to keys at positions 0..m-1 (context parallelism).
 
@@ -96,8 +114,8 @@ def context_attention(
     `_QUERY_PIECE` queries that read only the keys their positions can see. In
     every path a rank's work follows the causal triangle of its own chunks.
     """
-    if _use_flex(backend, q):
-        mask = _runs_block_mask(runs, k.size(2), window, q.device)
+    if uses_flex("context", backend, window, q.device, q.dtype):
+        mask = _given_or_built(block_mask, ("context", runs, k.size(2), window), q.device)
         return _flex(q, k.to(q.dtype), v.to(q.dtype), mask)
     k, v = k.to(q.dtype), v.to(q.dtype)
     if window <= 0 and block_kernel(q) is not None:
@@ -178,24 +196,47 @@ def decode_attention(
 # ---- internals ---------------------------------------------------------------------
 
 
-def _use_flex(backend: str, q: Tensor) -> bool:
+def _use_flex(backend: str, device: torch.device) -> bool:
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"model.attention_backend={backend!r}: allowed {ATTENTION_BACKENDS}")
-    return backend == "flex" or (backend == "auto" and q.is_cuda)
+    return backend == "flex" or (backend == "auto" and device.type == "cuda")
 
 
-@functools.lru_cache(maxsize=64)
-def _block_mask(kind: str, n_q: int, n_kv: int, S: int, index: int, window: int, device: torch.device):
-    """FlexAttention block mask on positions. "subset": queries at index + aS, keys
-    in group order (group j at j + bS); "causal": both at 0..n-1. Static per shape,
-    so it is built once."""
+def uses_flex(kind: str, backend: str, window: int, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a pass of `kind` ("causal", "subset", "context"; decode steps never) takes
+    FlexAttention for queries of `dtype` on `device`: the one decision the attention calls and
+    the model's block masks (`BlockMasks`) share. On CUDA a subset pass never materialises
+    scores: sliding windows, and dtypes CUDA's flash kernel does not take, go to FlexAttention."""
+    if _use_flex(backend, device):
+        return kind != "causal" or window > 0
+    if kind == "subset" and device.type == "cuda":
+        return window > 0 or dtype not in _CUDA_FLASH_DTYPES
+    return False
+
+
+MaskKey = tuple
+"""A block mask's shape: ("causal", n, window), ("subset", n_q, n_kv, S, index, window) or
+("context", runs, n_kv, window)."""
+
+
+def build_block_mask(key: MaskKey, device: torch.device) -> BlockMask:
+    """The FlexAttention block mask of `key` on positions. "subset": queries at index + aS,
+    keys in group order (group j at j + bS); "causal": both at 0..n-1; "context": queries
+    given as position runs (first, count, stride), keys at 0..n_kv-1."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    kind, window = key[0], key[-1]
     if kind == "subset":
+        _, n_q, n_kv, S, index, _ = key
         q_pos = index + S * torch.arange(n_q, device=device)
         k_pos = torch.cat([torch.arange(j, n_kv, S, device=device) for j in range(S)])
-    else:
+    elif kind == "causal":
+        n_q = n_kv = key[1]
         q_pos = k_pos = torch.arange(n_q, device=device)
+    else:
+        _, runs, n_kv, _ = key
+        q_pos = torch.cat([first + stride * torch.arange(count, device=device) for first, count, stride in runs])
+        n_q, k_pos = q_pos.numel(), torch.arange(n_kv, device=device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         diff = q_pos[q_idx] - k_pos[kv_idx]
@@ -204,23 +245,44 @@ def _block_mask(kind: str, n_q: int, n_kv: int, S: int, index: int, window: int,
     return create_block_mask(mask_mod, None, None, n_q, n_kv, device=device)
 
 
+class BlockMasks:
+    """FlexAttention block masks by shape, built once each, outside any compiled graph.
+
+    The model asks for its layers' masks before it calls the blocks (`Transformer.forward`
+    runs eager; the blocks are the compiled units) and hands each block its mask, so a
+    compiled block never builds one: the count of masks built is the count of distinct
+    (pass kind, length, window) shapes, whatever the number of layers or steps.
+    """
+
+    def __init__(self):
+        self.masks: dict[tuple, BlockMask] = {}
+        self.built = 0
+
+    def get(self, key: MaskKey, device: torch.device) -> BlockMask:
+        full_key = (*key, str(device))
+        mask = self.masks.get(full_key)
+        if mask is None:
+            mask = self.masks[full_key] = build_block_mask(key, device)
+            self.built += 1
+        return mask
+
+
+def _given_or_built(block_mask: Optional[BlockMask], key: MaskKey, device: torch.device) -> BlockMask:
+    """The mask the model built for this call; direct eager calls (tests) build their own.
+    Inside a compiled graph building one would run per block call: refused."""
+    if block_mask is not None:
+        return block_mask
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"FlexAttention block mask {key} requested inside a compiled graph: masks are built outside "
+            "(Transformer.forward passes each block its mask from `BlockMasks`)"
+        )
+    return build_block_mask(key, device)
+
+
 _QUERY_PIECE = 512
 """Queries per piece in `context_attention` on the SDPA path (finer pieces skip more
 masked-out keys, coarser ones launch fewer kernels)."""
-
-
-@functools.lru_cache(maxsize=64)
-def _runs_block_mask(runs: tuple[tuple[int, int, int], ...], n_kv: int, window: int, device: torch.device):
-    """FlexAttention block mask for queries given as position runs, keys at 0..n_kv-1."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    q_pos = torch.cat([first + stride * torch.arange(count, device=device) for first, count, stride in runs])
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        diff = q_pos[q_idx] - kv_idx
-        return (diff >= 0) & ((diff < window) if window > 0 else (diff >= 0))
-
-    return create_block_mask(mask_mod, None, None, q_pos.numel(), n_kv, device=device)
 
 
 @functools.cache

@@ -9,7 +9,7 @@ torch.compile and activation checkpointing see them.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Protocol, Union
+from typing import TYPE_CHECKING, NamedTuple, Optional, Protocol, Union
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,9 @@ from torch import Tensor
 from titan_lrt.model.args import ModelArgs
 from titan_lrt.model.attention import causal_attention, context_attention, decode_attention, subset_attention
 from titan_lrt.model.layers import init_uniform_, rms_norm, rope_then_norm
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 
 class SubsetKeys(NamedTuple):
@@ -52,6 +55,8 @@ class KeyExchange(Protocol):
     """
 
     query_runs: tuple[tuple[int, int, int], ...]
+    key_count: int
+    """How many positions `gather` returns (the whole sequence)."""
 
     def gather(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
 
@@ -110,7 +115,16 @@ class Attention(nn.Module):
             nn.Linear(self.gate_channels, len(self.gate_names) * args.kv_heads, bias=False) if self.gate_names else None
         )
 
-    def forward(self, h: Tensor, tokens: Tensor, cos: Tensor, sin: Tensor, memory: Optional[Memory], keys: Keys):
+    def forward(
+        self,
+        h: Tensor,
+        tokens: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        memory: Optional[Memory],
+        keys: Keys,
+        block_mask: Optional[BlockMask] = None,
+    ):
         B, n, _ = h.shape
         q = self.wq(h).view(B, n, self.n_heads, self.head_dim)
         k = self.wk(h).view(B, n, self.n_kv_heads, self.head_dim)
@@ -126,28 +140,29 @@ class Attention(nn.Module):
                 g_loc, g_fb = g["local"].unsqueeze(-1), g["feedback"]
                 k, v = g_loc * k, g_loc * v
                 if memory is not None:  # zero memory (pass 0) contributes nothing: skip it
-                    k = k + g_fb.unsqueeze(-1) * memory.k_fb
-                    v = v + g_fb.unsqueeze(-1) * memory.v_fb
+                    # one multiply-add each (an eager decode step is bound by its op count)
+                    gate = g_fb.unsqueeze(-1)
+                    k, v = torch.addcmul(k, gate, memory.k_fb), torch.addcmul(v, gate, memory.v_fb)
             if "value_embed" in g:
                 # the table is fp32 (autocast leaves lookups alone): keep v in the compute dtype
                 ve = self.value_embed(tokens).view(B, n, self.n_kv_heads, self.head_dim).to(v.dtype)
-                v = v + g["value_embed"].unsqueeze(-1) * ve
+                v = torch.addcmul(v, g["value_embed"].unsqueeze(-1), ve)
         k_pre = k
 
         q = rope_then_norm(q, cos, sin).transpose(1, 2)
         k = rope_then_norm(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
         if keys is None:
-            y = causal_attention(q, k, v, self.window, self.backend)
+            y = causal_attention(q, k, v, self.window, self.backend, block_mask)
         elif isinstance(keys, SubsetKeys):
             group_k = [k if j == keys.index else kj for j, kj in enumerate(keys.keys)]
             group_v = [v if j == keys.index else vj for j, vj in enumerate(keys.values)]
-            y = subset_attention(q, group_k, group_v, keys.index, self.window, self.backend)
+            y = subset_attention(q, group_k, group_v, keys.index, self.window, self.backend, block_mask)
         elif isinstance(keys, CacheKeys):
             y = decode_attention(q, k, v, keys.keys, keys.values, keys.lengths, self.window)
         else:
             k_all, v_all = keys.gather(k, v)
-            y = context_attention(q, k_all, v_all, keys.query_runs, self.window, self.backend)
+            y = context_attention(q, k_all, v_all, keys.query_runs, self.window, self.backend, block_mask)
         y = self.wo(y.transpose(1, 2).reshape(B, n, -1))
         return y, LayerKV(k, v, k_pre, g_fb), gate_means
 
@@ -192,12 +207,22 @@ class Block(nn.Module):
         self.gamma = nn.Parameter(torch.empty(1)) if injected else None
 
     def forward(
-        self, x: Tensor, x0: Tensor, tokens: Tensor, cos: Tensor, sin: Tensor, memory: Optional[Memory], keys: Keys
+        self,
+        x: Tensor,
+        x0: Tensor,
+        tokens: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        memory: Optional[Memory],
+        keys: Keys,
+        block_mask: Optional[BlockMask] = None,
     ) -> BlockOutput:
+        """block_mask: the FlexAttention mask of this layer's attention, built outside (see
+        `titan_lrt.model.attention.BlockMasks`); None where the pass takes no FlexAttention."""
         x = self.resid_scale * x + self.x0_scale * x0
         if memory is not None and self.gamma is not None:
-            x = x + (self.gamma * memory.gamma_ramp) * memory.states
-        y, kv, gate_means = self.attention(rms_norm(x), tokens, cos, sin, memory, keys)
+            x = torch.addcmul(x, self.gamma * memory.gamma_ramp, memory.states)
+        y, kv, gate_means = self.attention(rms_norm(x), tokens, cos, sin, memory, keys, block_mask)
         x = x + y
         x = x + self.mlp(rms_norm(x))
         return BlockOutput(x, kv, gate_means)

@@ -99,7 +99,7 @@ def _step(
 _COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def compile_decode_step(model: Transformer, backend: str = "inductor") -> None:
+def compile_decode_step(model: Transformer, backend: str = "inductor", cuda_graphs: bool = False) -> None:
     """Compile the whole decode step of `model` into one graph (both models alike).
 
     A step is one token per sequence through every layer: launch-bound on a GPU
@@ -108,8 +108,40 @@ def compile_decode_step(model: Transformer, backend: str = "inductor") -> None:
     static (the cache is allocated at its full length), so a graph is built once
     per batch size and cache length. Use on a model whose blocks are not
     compiled on their own (`apply_compile` compiles per block for training).
+
+    cuda_graphs (opt-in, CUDA only): also replay the step as a CUDA graph
+    (inductor's "reduce-overhead"), one launch per step; on other devices the
+    plain compiled step runs (see `decode_compile_options`).
     """
-    _COMPILED_STEPS[model] = torch.compile(_step, backend=backend, dynamic=False, fullgraph=True)
+    options = decode_compile_options(model.rope_cos.device, backend, cuda_graphs)
+    compiled = torch.compile(_step, backend=backend, dynamic=False, fullgraph=True, **options)
+    _COMPILED_STEPS[model] = _graphed(compiled) if options else compiled
+
+
+def decode_compile_options(device: torch.device, backend: str, cuda_graphs: bool) -> dict:
+    """torch.compile options of the decode step: CUDA graphs ("reduce-overhead") only when
+    asked for and on CUDA with inductor; elsewhere none (the CPU fallback: a plain compile)."""
+    if not cuda_graphs or torch.device(device).type != "cuda":
+        return {}
+    if backend != "inductor":
+        raise ValueError(f"CUDA-graph decoding needs the inductor backend, not {backend!r}")
+    return {"mode": "reduce-overhead"}
+
+
+def _graphed(compiled):
+    """A CUDA-graph step: the caches are marked static (written in place by the graph, so
+    they keep their addresses), and the outputs are copied out of the graph's memory pool,
+    which the next replay overwrites (callers keep logits and state across steps)."""
+    import torch._dynamo
+
+    def step(model, keys, values, lengths, last_state, tokens, active):
+        for cache in (*keys, *values):
+            torch._dynamo.mark_static_address(cache)
+        torch.compiler.cudagraph_mark_step_begin()
+        outputs = compiled(model, keys, values, lengths, last_state, tokens, active)
+        return tuple(t.clone() for t in outputs)
+
+    return step
 
 
 @torch.no_grad()

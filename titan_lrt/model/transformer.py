@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from titan_lrt.model.args import ModelArgs
-from titan_lrt.model.block import Block, Keys, LayerKV, Memory
+from titan_lrt.model.attention import BlockMasks, MaskKey, uses_flex
+from titan_lrt.model.block import Block, CacheKeys, Keys, LayerKV, Memory, SubsetKeys
 from titan_lrt.model.layers import init_uniform_, rms_norm, rope_tables
 
 IGNORE_INDEX = -100
@@ -69,7 +70,7 @@ class FeedbackProjection(nn.Module):
     def forward(self, memory: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
         """memory (B, n, dim) -> {layer: (k_fb, v_fb)} with shapes (B, n, Hkv, D)."""
         B, n, _ = memory.shape
-        kv = self.proj(memory)
+        kv = self.project(memory)
         if self.ramped:
             kv = kv * self.ramp
         kv = kv.view(B, n, -1, 2, self.n_kv_heads, self.head_dim)
@@ -77,6 +78,11 @@ class FeedbackProjection(nn.Module):
             pair = (kv[:, :, 0, 0], kv[:, :, 0, 1])
             return {layer: pair for layer in self.layers}
         return {layer: (kv[:, :, i, 0], kv[:, :, i, 1]) for i, layer in enumerate(self.layers)}
+
+    def project(self, memory: Tensor) -> Tensor:
+        """The one matmul (B, n, dim) -> (B, n, pairs * 2 * kv_dim): the unit
+        `titan_lrt.parallel.compile` compiles (one fresh output, no views)."""
+        return self.proj(memory)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -126,6 +132,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("gamma_ramp", torch.ones(()), persistent=False)
+        self.block_masks = BlockMasks()
         self.training_step: Optional[int] = 0
         """Optimizer steps the weights have seen, which set the warmup ramps (`set_training_step`)."""
         self.set_training_step(0)
@@ -192,13 +199,14 @@ class Transformer(nn.Module):
         x0 = rms_norm(self.tok_embeddings(tokens))
         x = x0.clone()  # not an alias of x0: every layer sees the same input structure (one compiled graph)
         feedback = self.feedback(memory) if memory is not None and self.feedback is not None else {}
+        masks = self.layer_block_masks(keys, n, tokens.device, _compute_dtype(x0))
 
         states, kvs, gate_means = None, [], []
         for i, layer in enumerate(self.layers):
             layer_memory = None
             if memory is not None and i in self.injected:
                 layer_memory = Memory(memory, *feedback.get(i, (None, None)), self.gamma_ramp)
-            out = layer(x, x0, tokens, cos, sin, layer_memory, None if keys is None else keys[i])
+            out = layer(x, x0, tokens, cos, sin, layer_memory, None if keys is None else keys[i], masks[i])
             x = out.x
             kvs.append(out.kv)
             gate_means.append(out.gate_means)
@@ -208,3 +216,34 @@ class Transformer(nn.Module):
         if targets is None:
             return PassOutput(states, kvs, gate_means, logits=self.lm_head(h))
         return PassOutput(states, kvs, gate_means, token_loss=self.lm_head(h, targets))
+
+    def layer_block_masks(self, keys: Optional[Sequence[Keys]], n: int, device: torch.device, dtype: torch.dtype):
+        """Per layer, the FlexAttention block mask of its attention in a pass of n queries
+        (None where it takes no FlexAttention), from `self.block_masks`: built once per
+        shape here, outside the compiled blocks, never per block call."""
+        masks = []
+        for i in range(len(self.layers)):
+            window = self.args.window(i)
+            key = _mask_key(None if keys is None else keys[i], n, window)
+            use = key is not None and uses_flex(key[0], self.args.attention_backend, window, device, dtype)
+            masks.append(self.block_masks.get(key, device) if use else None)
+        return masks
+
+
+def _mask_key(keys: Keys, n: int, window: int) -> Optional[MaskKey]:
+    """The block-mask shape of a layer's attention over `keys` (None: a decode step)."""
+    if keys is None:
+        return ("causal", n, window)
+    if isinstance(keys, SubsetKeys):
+        n_kv = n + sum(k.size(2) for k in keys.keys if k is not None)
+        return ("subset", n, n_kv, len(keys.keys), keys.index, window)
+    if isinstance(keys, CacheKeys):
+        return None
+    return ("context", keys.query_runs, keys.key_count, window)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype attention's queries will have: autocast's, else that of the activations."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype

@@ -38,12 +38,9 @@ def graphs_per_code(model: Transformer) -> int:
 
 
 def apply_compile(model: Transformer, backend: str = "inductor") -> None:
-    """Compile every block and the LM head in place (before FSDP wraps them).
-
-    The feedback projection stays eager: compiled on its own, its outputs (views of
-    one matmul) crash AOT autograd's alias replay in torch 2.13. backend:
-    torch.compile's ("aot_eager" traces without code generation, for fast tests of
-    graph counts)."""
+    """Compile every block, the LM head and the feedback projection in place (after
+    float8 converts the linears, before FSDP wraps them). backend: torch.compile's
+    ("aot_eager" traces without code generation, for fast tests of graph counts)."""
     limit = graphs_per_code(model)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     torch._dynamo.config.accumulated_recompile_limit = max(
@@ -52,3 +49,17 @@ def apply_compile(model: Transformer, backend: str = "inductor") -> None:
     for block in model.layers:
         block.compile(backend=backend, dynamic=False, fullgraph=True)
     model.lm_head.compile(backend=backend, dynamic=False, fullgraph=True)
+    compile_feedback(model, backend)
+
+
+def compile_feedback(model: Transformer, backend: str) -> None:
+    """Compile the feedback projection's matmul (a float8 linear's casts fuse with it).
+
+    The compiled unit is `FeedbackProjection.project`, whose output is one fresh tensor; the per-layer
+    (W_K m, W_V m) views of it are taken outside. Compiling `FeedbackProjection.forward`
+    itself, whose outputs are all views of one matmul, crashes AOT autograd's alias
+    replay under inductor in torch 2.13 (a view rebuilt with garbage sizes: "shape
+    '[94645037742460, ...]' is invalid for input of size 4096")."""
+    if model.feedback is not None:
+        feedback = model.feedback
+        feedback.project = torch.compile(feedback.project, backend=backend, dynamic=False, fullgraph=True)

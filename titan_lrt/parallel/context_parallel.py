@@ -153,7 +153,7 @@ class ContextParallel:
             tokens=tokens[:, local],
             targets=None if targets is None else targets[:, local],
             positions=local,
-            keys=[_FullPassExchange(self, share.runs) for _ in model.layers],
+            keys=[_FullPassExchange(self, share.runs, tokens.size(1)) for _ in model.layers],
         )
 
     def previous_states(self, states: Tensor, inputs: PassInputs) -> Tensor:
@@ -169,8 +169,8 @@ class ContextParallel:
 class _FullPassExchange:
     """A full pass's key source at one layer: all-gather K/V, keep them for the buffer."""
 
-    def __init__(self, cp: ContextParallel, runs: tuple[tuple[int, int, int], ...]):
-        self.cp, self.query_runs = cp, runs
+    def __init__(self, cp: ContextParallel, runs: tuple[tuple[int, int, int], ...], key_count: int):
+        self.cp, self.query_runs, self.key_count = cp, runs, key_count
         self.k = self.v = None
 
     def gather(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -184,6 +184,7 @@ class _SubsetExchange:
 
     def __init__(self, cp: ContextParallel, share: _Share, keys: Tensor, values: Tensor):
         self.cp, self.share, self.query_runs = cp, share, share.runs
+        self.key_count = keys.size(2)
         self.base_k, self.base_v = keys, values
         self.k, self.v = keys, values
 
