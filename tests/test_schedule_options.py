@@ -313,3 +313,16 @@ def test_created_optimizer_states_change_no_update_and_keep_skipped_parameters_i
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
     fresh = optimizers_of(tiny_model(args).float(), name=name, weight_decay=0.1)
     assert set(fresh.state_dict()) == created_keys
+
+
+def test_the_schedule_options_may_change_at_resume_and_the_schedule_may_not():
+    from titan_lrt.resume_settings import refusal
+
+    for key, old, new in [
+        ("lrt.refine_fraction", 1.0, 0.5),
+        ("lrt.start_step", 0, 100),
+        ("lrt.pass0_backward", True, False),
+        ("lrt.jacobi_mix", [], [0.5, 0.5]),
+    ]:
+        assert refusal({key: (old, new)}) is None, key
+    assert "lrt.num_subsets changed at resume" in refusal({"lrt.num_subsets": (2, 4)})
