@@ -326,3 +326,34 @@ def test_the_schedule_options_may_change_at_resume_and_the_schedule_may_not():
     ]:
         assert refusal({key: (old, new)}) is None, key
     assert "lrt.num_subsets changed at resume" in refusal({"lrt.num_subsets": (2, 4)})
+
+
+@pytest.mark.parametrize("wrap", ["selective_ac", "float8"])
+def test_the_cheaper_steps_compose_with_activation_checkpointing_and_float8(wrap):
+    """Pass 0 without autograd, then a pass-0-only step: checkpointed blocks give the plain model's
+    loss and gradients; emulated float8 linears run both kinds of step and stay close."""
+    from titan_lrt.parallel.activation_checkpoint import apply_activation_checkpointing
+    from titan_lrt.parallel.float8 import apply_float8
+
+    args = _small_args(mode="interleaved", num_subsets=2, kv_refresh=True, pass0_backward=False)
+    torch.manual_seed(0)
+    plain = Transformer(args)
+    plain.init_weights()
+    wrapped = Transformer(args)
+    wrapped.load_state_dict(plain.state_dict())
+    if wrap == "selective_ac":
+        apply_activation_checkpointing(wrapped, mode="selective", selective_option="op")
+    else:
+        apply_float8(wrapped, recipe="tensorwise", emulate=True, fsdp=False)
+    g = torch.Generator().manual_seed(0)
+    tokens, targets = torch.randint(1, 128, (2, 32), generator=g), torch.randint(1, 128, (2, 32), generator=g)
+    for passes in (3, 1):
+        result_p, grads_p = _step(plain, tokens, targets, passes)
+        result_w, grads_w = _step(wrapped, tokens, targets, passes)
+        tol = 0 if wrap == "selective_ac" else 0.05
+        torch.testing.assert_close(result_w.loss, result_p.loss, rtol=tol, atol=tol)
+        names = {n.replace("_checkpoint_wrapped_module.", ""): g for n, g in grads_w.items()}
+        assert names.keys() == grads_p.keys()
+        if wrap == "selective_ac":
+            for name, grad in names.items():
+                torch.testing.assert_close(grad, grads_p[name], rtol=1e-6, atol=1e-7, msg=name)
