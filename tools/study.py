@@ -55,7 +55,7 @@ def plan_steps(config_argv: list[str], match: str, baseline_steps: int) -> tuple
     return steps, run_flops(args, t.seq_len, steps, t.seed)[-1] * tokens_per_step(config, 1)
 
 
-def run_one(folder: Path, train_argv: list[str], eval_argv: list[str]) -> dict:
+def run_one(folder: Path, train_argv: list[str], eval_argv: list[str], watch: tuple[list[str], list[int]]) -> dict:
     report = folder / "eval.json"
     if not report.is_file():
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -74,15 +74,35 @@ def run_one(folder: Path, train_argv: list[str], eval_argv: list[str]) -> dict:
     scores = json.loads(report.read_text())["bpb"]["scores"]
     result = {"folder": str(folder), **{k: scores[k]["bpb"] for k in SCORES if k in scores}}
     result["train_loss"] = final_train_loss(folder)
+    result["signals"] = signals(folder, *watch)
     return result
 
 
-def final_train_loss(folder: Path, last: int = 5) -> float | None:
-    """Mean merged training loss of the last `last` logged steps (total loss for runs without passes)."""
+def logged(folder: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(folder / "tb"))
     acc.Reload()
+    return acc
+
+
+def signals(folder: Path, tags: list[str], steps: list[int]) -> dict[str, float]:
+    """ "tag@step" -> the value logged at the last logged step <= step (early statistics of a run)."""
+    acc, out = logged(folder), {}
+    for tag in tags:
+        if tag not in acc.Tags()["scalars"]:
+            continue
+        events = acc.Scalars(tag)
+        for step in steps:
+            before = [e.value for e in events if e.step <= step]
+            if before:
+                out[f"{tag}@{step}"] = before[-1]
+    return out
+
+
+def final_train_loss(folder: Path, last: int = 5) -> float | None:
+    """Mean merged training loss of the last `last` logged steps (total loss for runs without passes)."""
+    acc = logged(folder)
     tags = acc.Tags()["scalars"]
     tag = "loss/merged" if "loss/merged" in tags else "loss/total"
     if tag not in tags:
@@ -112,6 +132,20 @@ def summarise(arms: dict[str, dict], seeds: list[int]) -> str:
         for r in arm["runs"]:
             if "error" in r:
                 lines.append(f"\nerror in {name}: {r['error']}")
+    keys = sorted({k for arm in arms.values() for r in arm["runs"] for k in r.get("signals", {})})
+    if keys:
+        lines += ["", "| run | merged bpb | train loss | " + " | ".join(keys) + " |"]
+        lines.append("| --- | ---: | ---: | " + " | ".join("---:" for _ in keys) + " |")
+        for arm in arms.values():
+            for r in arm["runs"]:
+                values = [r.get("signals", {}).get(k) for k in keys]
+                cells = ["-" if v is None else f"{v:.4g}" for v in values]
+                loss = "-" if r.get("train_loss") is None else f"{r['train_loss']:.4f}"
+                lines.append(
+                    f"| {Path(r['folder']).name} | {r.get('merged', float('nan')):.4f} | {loss} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
     return "\n".join(lines)
 
 
@@ -128,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--match", choices=("flops", "steps"), default="flops")
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--eval-args", default="--batches 16 --batch-size 8 --exact-sequences 16")
+    parser.add_argument(
+        "--signals", nargs="*", default=[], help="TensorBoard tags to report per run (early statistics)"
+    )
+    parser.add_argument("--signal-steps", type=int, nargs="*", default=[], help="steps at which to report --signals")
     args = parser.parse_args(own)
     out = Path(args.out)
     base = ["--config", args.config, *common]
