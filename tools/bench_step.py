@@ -50,7 +50,13 @@ VARIANTS = {
     "s2_detach": dict(mode="interleaved", num_subsets=2, detach_buffer=True),
     "s2_no_kv_feedback": dict(mode="interleaved", num_subsets=2, kv_feedback=False),  # ablation: residual path only
     "jacobi2": dict(mode="jacobi", jacobi_passes=2),
+    # the cheaper schedules' steps: the LRT model running pass 0 alone (refine_fraction < 1,
+    # before start_step), and a refining step whose pass 0 runs without autograd
+    "s2_pass0_only": dict(mode="interleaved", num_subsets=2, refine_fraction=0.5),
+    "s2_pass0_nograd": dict(mode="interleaved", num_subsets=2, pass0_backward=False),
 }
+PASSES = {"s2_pass0_only": 1}
+"""Variants that bench one kind of step of their schedule: the number of passes it runs."""
 AC = {"none": ("none", "op"), "full": ("full", "op"), "op": ("selective", "op"), "every2": ("selective", "2")}
 
 
@@ -107,11 +113,13 @@ def run_setting(a, device, compiled: bool, ac: str, float8: bool) -> list[dict]:
     tokens = torch.randint(1, a.vocab, (a.batch, a.seq_len), device=device)
     targets = torch.randint(1, a.vocab, (a.batch, a.seq_len), device=device)
     models = {v: build(a, v, compiled, ac, float8, device) for v in a.variants}
+    variant_of = {id(model): v for v, model in models.items()}
 
     def step(model):
         model.zero_grad(set_to_none=True)
         with autocast:
-            run_schedule(model, tokens, targets, backward=lambda loss, last: loss.backward())
+            passes = PASSES.get(variant_of[id(model)])
+            run_schedule(model, tokens, targets, backward=lambda loss, last: loss.backward(), passes=passes)
 
     def sync():
         if device.type == "cuda":
@@ -138,7 +146,7 @@ def run_setting(a, device, compiled: bool, ac: str, float8: bool) -> list[dict]:
     peak_flops = device_peak_flops(device)
     for v, model in models.items():
         median = statistics.median(times[v])
-        flops = step_flops(model.args, a.seq_len)
+        flops = step_flops(model.args, a.seq_len, PASSES.get(v))
         tokens_per_s = a.batch * a.seq_len / median
         rows.append(
             {
@@ -153,7 +161,7 @@ def run_setting(a, device, compiled: bool, ac: str, float8: bool) -> list[dict]:
                 "mfu_pct": 100 * tokens_per_s * flops.total / peak_flops if peak_flops else None,
                 # nanochat's and torchtitan's convention (6N + 12 L H Q T), comparable with their numbers
                 "mfu_published_pct": (
-                    100 * tokens_per_s * published_step_flops(model.args, a.seq_len) / peak_flops
+                    100 * tokens_per_s * published_step_flops(model.args, a.seq_len, PASSES.get(v)) / peak_flops
                     if peak_flops
                     else None
                 ),
