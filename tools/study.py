@@ -180,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
             jobs.append((name, out / f"{name}-s{seed}", train_argv))
     print(f"{len(jobs)} runs: " + ", ".join(f"{n} {a['steps']} steps" for n, a in arms.items()), flush=True)
     with ThreadPoolExecutor(args.parallel) as pool:
+        watch = (args.signals, args.signal_steps)
         futures = [
-            (name, pool.submit(run_one, folder, argv, shlex.split(args.eval_args))) for name, folder, argv in jobs
+            (name, pool.submit(run_one, folder, argv, shlex.split(args.eval_args), watch))
+            for name, folder, argv in jobs
         ]
         for name, future in futures:
             result = future.result()
