@@ -189,3 +189,21 @@ def test_the_evaluation_command_runs_no_code_from_a_crafted_step_folder(trained,
     assert not pwned.exists()
     assert "skipping" in result.stderr and "step-00000009" in result.stderr and "refusing io.open" in result.stderr
     assert json.loads((tmp_path / "eval.json").read_text())["step"] == 2
+
+
+def test_the_held_out_sample_follows_the_data_seed(trained, small_data, tmp_path):
+    """Runs of different training seeds are scored on the same sequences when given one --data-seed."""
+    _, step_folder = trained
+    corpus, _ = small_data  # its train split: enough documents for the seed to pick others
+
+    def merged(*extra):
+        out = tmp_path / "eval.json"
+        argv = ["--checkpoint", str(step_folder), "--batches", "1", "--batch-size", "2", "--seq-len", "32"]
+        argv += ["--data", str(corpus), "--split", "train"]
+        assert eval_main([*argv, "--modes", "merged", "--no-progress", "--json", str(out), *extra]) == 0
+        return json.loads(out.read_text())["bpb"]["scores"]["merged"]["bpb"]
+
+    run_seed = merged()
+    assert merged("--data-seed", "0") == run_seed  # the trained run's seed is 0
+    assert merged("--data-seed", "7") != run_seed
+    assert merged("--data-seed", "7") == merged("--data-seed", "7")

@@ -9,7 +9,8 @@ Each arm is a name and trainer overrides; the arguments after `--` apply to ever
 `tools/plan_matched.py` counts them: the passes each step really runs) come closest to
 `--baseline-steps` steps of the baseline; `--match steps` runs them all that many steps.
 Runs go to OUT/<arm>-s<seed> (one thread each, `--parallel` at a time), then
-`python -m titan_lrt.eval` writes OUT/<arm>-s<seed>/eval.json; a run with its eval.json
+`python -m titan_lrt.eval` writes OUT/<arm>-s<seed>/eval.json (every run scored on the
+same held-out sequences: `--data-seed 0`); a run with its eval.json
 is not run again, so a study resumes after a kill. The table (OUT/summary.md and
 summary.json) gives per arm the mean and the spread (min..max) over seeds of the merged,
 exact-recurrence (on the exact sample, with the merged bpb of that sample beside it) and
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-steps", type=int, required=True)
     parser.add_argument("--match", choices=("flops", "steps"), default="flops")
     parser.add_argument("--parallel", type=int, default=2)
-    parser.add_argument("--eval-args", default="--batches 16 --batch-size 8 --exact-sequences 16")
+    parser.add_argument("--eval-args", default="--batches 16 --batch-size 8 --exact-sequences 16 --data-seed 0")
     parser.add_argument(
         "--signals", nargs="*", default=[], help="TensorBoard tags to report per run (early statistics)"
     )

@@ -55,6 +55,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--data", help='held-out data: "stdlib" or a local file/folder (default: the run\'s data)')
     g.add_argument("--split", default="validation", help="dataset split (default: validation)")
     g.add_argument(
+        "--data-seed",
+        type=int,
+        default=None,
+        help="seed of the held-out sample (default: the run's training.seed); give one value to score "
+        "runs of different seeds on the same sequences",
+    )
+    g.add_argument(
         "--modes", default="merged,passes,exact,zero", help=f"comma-separated from {','.join(MODES)}, or none"
     )
     g.add_argument("--batches", type=int, default=8, help="batches to score (default: 8)")
@@ -173,7 +180,7 @@ def _bits_per_byte(args, loaded: LoadedModel, amp, progress: bool) -> dict:
         text_column=config.data.text_column,
         num_streams=1,
         packing="concat",
-        seed=config.training.seed,
+        seed=config.training.seed if args.data_seed is None else args.data_seed,
         num_workers=0,
         streaming=config.data.streaming,
     )
