@@ -256,12 +256,14 @@ def test_block_kernel_merge_is_exact_attention_in_float64(provider, S, T, monkey
 
 
 def test_compiled_decode_step_gives_the_eager_tokens_and_logits():
-    """The LRT's step (the baseline's is the same function without the memory)."""
+    """The LRT's step (the baseline's is the same function without the memory), traced whole into
+    one graph; aot_eager keeps the suite short (inductor's code for these ops is checked by the
+    compiled-blocks test, and on a GPU by tools/bench_gpu.sh)."""
     from titan_lrt.model.decoding import compile_decode_step, decode_step, prefill, sample
 
     args = _args()
     eager, compiled = _model(args), _model(args)
-    compile_decode_step(compiled)
+    compile_decode_step(compiled, backend="aot_eager")
     prompts = [[1, 5, 9, 2, 7], [1, 7]]
     runs = []
     for model in (eager, compiled):
