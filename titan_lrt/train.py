@@ -51,7 +51,7 @@ from titan_lrt.metrics import (
     pathway_grad_norms,
     setup_logging,
 )
-from titan_lrt.model.accounting import count_parameters, published_step_flops, run_flops, step_flops
+from titan_lrt.model.accounting import StepFlops, count_parameters, published_step_flops, run_flops, step_flops
 from titan_lrt.model.schedule import StepResult, pass_target_counts, run_schedule
 from titan_lrt.model.transformer import Transformer
 from titan_lrt.optim import build_lr_schedulers, build_optimizers, clip_grad_norm_
@@ -156,6 +156,7 @@ class Trainer:
             config.metrics.enable_tensorboard,
         )
         self.flops = step_flops(self.model_args, t.seq_len)
+        self.step_costs: dict[int, tuple[StepFlops, float]] = {}
         self.peak_flops = device_peak_flops(self.device)
         self._log_setup()
 
@@ -420,7 +421,8 @@ class Trainer:
         self.lr_schedulers.step()
         self.optimizers.zero_grad(set_to_none=True)
         tokens = self.global_batch * t.seq_len
-        flops = {name: tokens * f for name, f in step_flops(self.model_args, t.seq_len, passes).passes.items()}
+        per_token, published = self._step_cost(passes)
+        flops = {name: tokens * f for name, f in per_token.passes.items()}
         self.state.step += 1
         self.state.tokens_seen += tokens
         for name, amount in flops.items():
@@ -432,7 +434,7 @@ class Trainer:
             grad_norm=grad_norm,
             tokens=tokens,
             flops=flops,
-            published_flops=tokens * published_step_flops(self.model_args, t.seq_len, passes),
+            published_flops=tokens * published,
             counts=counts,
             grad_norms=grad_norms,
         )
@@ -440,6 +442,17 @@ class Trainer:
     def _logs_at(self, step: int) -> bool:
         """Whether the step that ends with `step` optimizer steps done is logged."""
         return step % self.config.metrics.log_freq == 0 or step == self.config.training.steps
+
+    def _step_cost(self, passes: int) -> tuple[StepFlops, float]:
+        """FLOPs per token of a step of `passes` passes: ours per pass, and the published convention's
+        (counted once per kind of step)."""
+        if passes not in self.step_costs:
+            seq_len = self.config.training.seq_len
+            self.step_costs[passes] = (
+                step_flops(self.model_args, seq_len, passes),
+                published_step_flops(self.model_args, seq_len, passes),
+            )
+        return self.step_costs[passes]
 
     def _global_target_counts(self, micro_batches, passes: int) -> list[float]:
         """Scored targets of each pass over the whole global batch (all micro-batches, all ranks;
