@@ -1,13 +1,15 @@
 """Synthetic in-context learning tasks: deterministic generators, and a scorer that gives an oracle
 100% and a guesser chance."""
 
+import json
+
 import pytest
 import torch
 from lrt_reference import sequential_recurrence, tiny_args, tiny_model
 
-from titan_lrt.data.tokenizer import Tokenizer
+from titan_lrt.data.tokenizer import BOS_ID, Tokenizer, word_level_tokenizer
 from titan_lrt.eval.icl import evaluate_icl, pad_right, score_examples
-from titan_lrt.eval.icl_tasks import TASKS, TaskAlphabet, generate
+from titan_lrt.eval.icl_tasks import TASKS, TaskAlphabet, generate, write_task_corpus
 from titan_lrt.eval.logits import model_predictor, sequence_logits
 from titan_lrt.model.schedule import baseline
 
@@ -96,6 +98,25 @@ def test_alphabet_from_a_tokenizer_uses_single_token_words(small_data):
     assert text.count(":") == 12 and text.count("\n") == 1
     with pytest.raises(ValueError, match="at least 16"):
         TaskAlphabet.from_tokenizer(tokenizer, max_symbols=3)
+
+
+def test_word_level_tokenizer_and_a_task_corpus_written_with_it(tmp_path):
+    words = [":", ",", "\n", " cat", " cats", " dog", *(f" w{c}{d}" for c in "abcd" for d in "efgh")]
+    tokenizer = word_level_tokenizer(words)
+    tokenizer.save(tmp_path / "tokenizer.json")
+    tokenizer = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    assert tokenizer.bos_id == BOS_ID and tokenizer.vocab_size == 2 + len(words)
+    assert [tokenizer.encode(w) for w in words] == [[2 + i] for i in range(len(words))]
+    assert tokenizer.encode(" cats cat:") == [6, 5, 2]  # the longer word first
+    assert tokenizer.encode(" bird") == [1]  # <|unk|>
+    assert tokenizer.token_bytes()[[0, 1, 5, 6]].tolist() == [0, 0, 4, 5]
+    alphabet = TaskAlphabet.from_tokenizer(tokenizer)
+    assert (alphabet.pair, alphabet.item, alphabet.line, alphabet.symbols) == (2, 3, 4, tuple(range(5, 2 + len(words))))
+    write_task_corpus(tmp_path / "train.jsonl", tokenizer, alphabet, docs=7, seed=3, tasks=["copy", "recall"])
+    texts = [json.loads(line)["text"] for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    expected = generate("copy", alphabet, 4, seed=3) + generate("recall", alphabet, 4, seed=3)
+    assert len(texts) == 7
+    assert all([alphabet.bos, *tokenizer.encode(t)] in [list(e.tokens) for e in expected] for t in texts)
 
 
 def test_model_logits_in_each_mode_match_their_definitions():

@@ -135,6 +135,21 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, show_progress: boo
     return Tokenizer(tok, bos_token=BOS_TOKEN, name="trained BPE")
 
 
+def word_level_tokenizer(words: list[str]) -> Tokenizer:
+    """One token per given text (e.g. " cat", ":"), in order after `<|bos|>` (0) and `<|unk|>` (1);
+    text is split at those words alone and decodes by concatenation. For synthetic tasks."""
+    unk = "<|unk|>"
+    vocab = {BOS_TOKEN: BOS_ID, unk: 1} | {w: 2 + i for i, w in enumerate(words)}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    longest_first = sorted(words, key=len, reverse=True)  # " cats" before " cat"
+    tok.pre_tokenizer = pre_tokenizers.Split(
+        tokenizers.Regex("|".join(re.escape(w) for w in longest_first)), behavior="isolated"
+    )
+    tok.decoder = decoders.Fuse()  # the tokens are the text: no spaces between them
+    tok.add_special_tokens([BOS_TOKEN, unk])
+    return Tokenizer(tok, bos_token=BOS_TOKEN, name="word-level tokenizer")
+
+
 def ensure_tokenizer(path: str | Path, corpus_dir: str | Path, vocab_size: int, *, show_progress: bool = True) -> Path:
     """Train on the train split of `corpus_dir` and save to `path`, unless `path` exists.
 

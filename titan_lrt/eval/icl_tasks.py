@@ -25,9 +25,12 @@ chance is one over their number.
 
 from __future__ import annotations
 
+import json
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol
 
 MIN_SYMBOLS = 16
@@ -158,6 +161,24 @@ def generate(task: str, alphabet: TaskAlphabet, n: int, seed: int = 0) -> list[I
         raise ValueError(f"ICL task {task!r}: allowed {sorted(TASKS)}")
     rng = random.Random(f"{task}/{seed}")
     return [TASKS[task](alphabet, rng) for _ in range(n)]
+
+
+def write_task_corpus(
+    path: Path,
+    tokenizer: TextTokenizer,
+    alphabet: TaskAlphabet,
+    docs: int,
+    seed: int,
+    tasks: Sequence[str] = tuple(TASKS),
+) -> None:
+    """`docs` examples, equally many of each task, shuffled, as a jsonl training file ({"text": ...} per
+    example, BOS left to the packer)."""
+    per_task = -(-docs // len(tasks))
+    examples = [e for task in tasks for e in generate(task, alphabet, per_task, seed=seed)]
+    random.Random(seed).shuffle(examples)
+    with Path(path).open("w") as f:
+        for example in examples[:docs]:
+            f.write(json.dumps({"text": tokenizer.decode([t for t in example.tokens if t != alphabet.bos])}) + "\n")
 
 
 def _need(alphabet: TaskAlphabet, count: int, task: str) -> None:
