@@ -4,6 +4,7 @@ pathway's learning-rate scale, and the early warning of a pathway that does noth
 import copy
 import dataclasses
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from lrt_reference import sample_tokens, tiny_args, tiny_model
 from torch._dynamo.utils import counters
 
 from titan_lrt.config import ConfigError, LRScheduler, Optimizer, load_config
+from titan_lrt.data.tokenizer import word_level_tokenizer
+from titan_lrt.eval.icl_tasks import TaskAlphabet, write_task_corpus
 from titan_lrt.export import load_model, read_model_files, write_exported_folder
 from titan_lrt.guards import PATHWAY_MARGIN, PathwayMonitor
 from titan_lrt.model.args import LRTArgs
@@ -26,12 +29,96 @@ from titan_lrt.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+REPO = Path(__file__).resolve().parents[1]
+
 GAMMA_N, GATE_N = 4, 8
 """Warmup lengths of the ramp tests: step / N is exact in binary at every step used."""
 
 
 def _lrt(args, **changes):
     return args.replace(lrt=dataclasses.replace(args.lrt, **changes))
+
+
+# ---- the default initialisation ----------------------------------------------------------------
+
+
+def _gammas(model):
+    return [layer.gamma for layer in model.layers if layer.gamma is not None]
+
+
+def test_default_gamma_is_zero_so_the_injection_adds_nothing_yet_learns():
+    """Every gamma starts at exactly 0: the schedule equals the same weights without residual
+    injection, bit for bit, and each gamma's gradient is its central finite difference (float64)."""
+    assert LRTArgs().gamma_init == 0.0
+    args = tiny_args()
+    fresh = Transformer(args)
+    fresh.init_weights()
+    assert len(_gammas(fresh)) == args.n_layers and all(float(g) == 0.0 for g in _gammas(fresh))
+    model = tiny_model(args)  # every other weight moved off its init
+    with torch.no_grad():
+        for gamma in _gammas(model):
+            gamma.zero_()
+    without = Transformer(_lrt(args, residual_injection=False)).double()
+    missing, unexpected = without.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and sorted(unexpected) == sorted(f"layers.{i}.gamma" for i in range(args.n_layers))
+    without.init_buffers()
+    tokens = sample_tokens(args, batch=2, T=12, bos_every=7)
+    targets = sample_tokens(args, batch=2, T=12, seed=5)
+    got, expected = run_schedule(model, tokens, targets), run_schedule(without, tokens, targets)
+    for a, b in zip(got.pass_losses + [got.token_loss], expected.pass_losses + [expected.token_loss]):
+        assert torch.equal(a, b)
+    got.loss.backward()
+    eps = 1e-6
+    for gamma in _gammas(model):
+        with torch.no_grad():
+            gamma.fill_(eps)
+            up = run_schedule(model, tokens, targets).loss
+            gamma.fill_(-eps)
+            down = run_schedule(model, tokens, targets).loss
+            gamma.zero_()
+        finite_difference = (up - down) / (2 * eps)
+        assert abs(float(finite_difference)) > 1e-4  # it can move off 0
+        torch.testing.assert_close(gamma.grad[0], finite_difference, rtol=1e-6, atol=1e-9)
+
+
+SYLLABLES = [f" {a}{b}" for a in "bcdfghkl" for b in "aeiouyrn"]
+"""64 one-token words: the symbols of the synthetic tasks in the seed-stability study (RESULTS.md)."""
+
+
+def _plateau_run(folder, *extra):
+    """The study's set-up (the main job's model at depth 3, the three synthetic tasks over 64 word
+    tokens, 8 x 256 tokens per step, lr 1e-2 after 20 warmup steps) for its first 130 steps, seed 0;
+    returns the mean training loss of steps 111-130."""
+    tokenizer = word_level_tokenizer([":", ",", "\n", *SYLLABLES])
+    tokenizer.save(folder / "tokenizer.json")
+    alphabet = TaskAlphabet.from_tokenizer(tokenizer)
+    (folder / "tasks").mkdir()
+    write_task_corpus(folder / "tasks" / "train.jsonl", tokenizer, alphabet, docs=20000, seed=0)
+    argv = [
+        f"--config={REPO / 'train_configs' / 'debug_model.toml'}",
+        f"--job.dump_folder={folder / 'run'}",
+        f"--data.dataset={folder / 'tasks'}",
+        f"--model.tokenizer_path={folder / 'tokenizer.json'}",
+        f"--model.vocab_size={tokenizer.vocab_size}",
+        "--model.n_layers=3",
+        "--training.steps=120",
+        "--training.seed=0",
+        "--training.mixed_precision=float32",
+        "--lr_scheduler.decay_ratio=0",
+        "--metrics.log_freq=1",
+        "--eval.interval=0",
+        "--checkpoint.enable=false",
+        *extra,
+    ]
+    Trainer(load_config(argv)[0]).train(StopRequest())
+    losses = scalars(folder / "run" / "tb", "loss/total")
+    return sum(losses[s] for s in range(101, 121)) / 20
+
+
+def test_a_seed_that_stayed_on_the_plateau_with_gamma_0_1_learns_with_the_default(tmp_path):
+    """Seed 0 of the study: with gamma_init = 0.1 its loss stays on the plateau (3.05 here, and to step
+    700 in the study); with the default it learns the tasks (2.57 here)."""
+    assert _plateau_run(tmp_path) < 2.8
 
 
 # ---- the ramps -----------------------------------------------------------------------------------

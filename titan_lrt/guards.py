@@ -131,6 +131,6 @@ class PathwayMonitor:
         return (
             f"LRT pathway warning at step {step}: the merged loss {smooth_merged:.4f} is not below pass 0's "
             f"{smooth0:.4f} by {PATHWAY_MARGIN:.1%} (smoothed), so the recurrent pathway does nothing or harm "
-            "and the run may be stuck where the baseline would not be. Try lrt.gamma_init = 0, "
-            "lrt.gamma_warmup_steps / lrt.gate_warmup_steps, or optimizer.lrt_lr_scale < 1."
+            "and the run may be stuck where the baseline would not be. Try lrt.gamma_init = 0 (if raised), "
+            "lrt.gamma_warmup_steps / lrt.gate_warmup_steps, lrt.start_step, or optimizer.lrt_lr_scale < 1."
         )
