@@ -32,6 +32,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+SLOW = pytest.mark.skipif(
+    not os.environ.get("TITAN_LRT_SLOW_TESTS"),
+    reason="keeps the default run short (20-30 s each on 2 cores); set TITAN_LRT_SLOW_TESTS=1 to run",
+)
+"""Tests whose ground another default test already covers, run on demand."""
+
+
 def tiny_args(small_data, dump: Path, *extra: str) -> list[str]:
     corpus, tokenizer = small_data
     return [

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import scalars, tiny_args
+from conftest import SLOW, scalars, tiny_args
 from test_distributed import final_params, run_cache, torchrun
 
 from titan_lrt.config import ConfigError, load_config
@@ -147,11 +147,6 @@ SCHEDULES = {
 """S = 4 and the other variants are pinned at the schedule level (cp_worker.py); through the
 trainer, one LRT schedule suffices to pin the mesh, the loader sharding and the loss counts
 (the baseline runs too with TITAN_LRT_SLOW_TESTS=1)."""
-
-SLOW = pytest.mark.skipif(
-    not os.environ.get("TITAN_LRT_SLOW_TESTS"),
-    reason="keeps the default run short (about 25 s each on 2 cores); set TITAN_LRT_SLOW_TESTS=1 to run",
-)
 
 
 @pytest.mark.parametrize("schedule", [pytest.param("baseline", marks=SLOW), "lrt_s2"])

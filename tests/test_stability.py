@@ -53,7 +53,7 @@ def test_default_gamma_is_zero_so_the_injection_adds_nothing_yet_learns():
     args = tiny_args()
     fresh = Transformer(args)
     fresh.init_weights()
-    assert len(_gammas(fresh)) == args.n_layers and all(float(g) == 0.0 for g in _gammas(fresh))
+    assert len(_gammas(fresh)) == args.n_layers and all(g.item() == 0.0 for g in _gammas(fresh))
     model = tiny_model(args)  # every other weight moved off its init
     with torch.no_grad():
         for gamma in _gammas(model):
@@ -87,8 +87,8 @@ SYLLABLES = [f" {a}{b}" for a in "bcdfghkl" for b in "aeiouyrn"]
 
 def _plateau_run(folder, *extra):
     """The study's set-up (the main job's model at depth 3, the three synthetic tasks over 64 word
-    tokens, 8 x 256 tokens per step, lr 1e-2 after 20 warmup steps) for its first 130 steps, seed 0;
-    returns the mean training loss of steps 111-130."""
+    tokens, 8 x 256 tokens per step, lr 1e-2 after 20 warmup steps) for its first 100 steps, seed 0;
+    returns the mean training loss of steps 81-100."""
     tokenizer = word_level_tokenizer([":", ",", "\n", *SYLLABLES])
     tokenizer.save(folder / "tokenizer.json")
     alphabet = TaskAlphabet.from_tokenizer(tokenizer)
@@ -101,7 +101,7 @@ def _plateau_run(folder, *extra):
         f"--model.tokenizer_path={folder / 'tokenizer.json'}",
         f"--model.vocab_size={tokenizer.vocab_size}",
         "--model.n_layers=3",
-        "--training.steps=120",
+        "--training.steps=100",
         "--training.seed=0",
         "--training.mixed_precision=float32",
         "--lr_scheduler.decay_ratio=0",
@@ -112,13 +112,13 @@ def _plateau_run(folder, *extra):
     ]
     Trainer(load_config(argv)[0]).train(StopRequest())
     losses = scalars(folder / "run" / "tb", "loss/total")
-    return sum(losses[s] for s in range(101, 121)) / 20
+    return sum(losses[s] for s in range(81, 101)) / 20
 
 
 def test_a_seed_that_stayed_on_the_plateau_with_gamma_0_1_learns_with_the_default(tmp_path):
-    """Seed 0 of the study: with gamma_init = 0.1 its loss stays on the plateau (3.05 here, and to step
-    700 in the study); with the default it learns the tasks (2.57 here)."""
-    assert _plateau_run(tmp_path) < 2.8
+    """Seed 0 of the study: with gamma_init = 0.1 its loss stays on the plateau (3.03 here, and to step
+    700 in the study); with the default it learns the tasks (2.70 here)."""
+    assert _plateau_run(tmp_path) < 2.85
 
 
 # ---- the ramps -----------------------------------------------------------------------------------
