@@ -2,7 +2,6 @@
 
     python tools/make_icl_corpus.py --out data/icl --symbols 64 --docs 20000 [--word-tokenizer data/icl_words.json]
 
-
 One document per example, its text decoded from the task tokens (every symbol and
 separator is one token of the tokenizer and re-encodes to itself), so the trainer
 reads it like any local text data: `--data.dataset=data/icl`. Writes train.jsonl

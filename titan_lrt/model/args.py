@@ -50,8 +50,8 @@ class LRTArgs:
 
     gamma_init: float = 0.0
     """Initial value of the residual injection scalars gamma_l. 0: the injection starts off and is
-    learned (at init s_{t-1} is exactly token t-1's normed embedding, and 0.1 of it in every layer
-    kept 5 of 6 seeds on the unigram plateau of the synthetic tasks; RESULTS.md)."""
+    learned; at init s_{t-1} is token t-1's normed embedding, and a positive start can trap a run
+    on a plateau (RESULTS.md, seed stability)."""
 
     reset_at_bos: bool = True
     """Zero the memory at every BOS token, so that memory never crosses packed
